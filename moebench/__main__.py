@@ -1,0 +1,5 @@
+"""`python -m moebench` is the `moebench` command."""
+
+from moebench.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""What a router is: its inputs, its context, its state, and the token-choice pipeline.
+
+A router is a frozen dataclass whose fields are its options (so a suite's `params` map onto
+them one to one) with one method, ``route(inputs, ctx) -> Routing``, pure over its inputs.
+Stateful behaviour (expert bias) lives in an explicit `RouterState` the runner carries across
+the batches of a stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from moebench.drop_policies import get_drop_policy, keep_within_capacity
+from moebench.routing import Routing
+
+
+@dataclass(frozen=True)
+class RouteInputs:
+    """One batch as a router sees it.
+
+    logits    <dtype>[T, E]: router logits x = h · W_gate.
+    hidden    <dtype>[T, d] or None: hidden states h (noise gates, dispatch).
+    token_ids <int64>[T] or None: vocabulary ids (hash routing).
+    vocab_freq <float32>[V] or None: frequency of each vocabulary id (balanced hash).
+    """
+
+    logits: torch.Tensor
+    hidden: torch.Tensor | None = None
+    token_ids: torch.Tensor | None = None
+    vocab_freq: torch.Tensor | None = None
+
+
+@dataclass
+class RouterState:
+    """State carried across the batches of a stream.
+
+    bias <float32>[E] or None: the aux-loss-free expert bias (selection only).
+    extra: router-specific state (e.g. a hash map built once per stream).
+    """
+
+    bias: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RouteContext:
+    """Everything about a case a router needs besides the batch.
+
+    top_k: choices per token.  capacity: slots per expert or None (dropless).
+    drop_policy: registry key of the drop policy.  generator: the seeded RNG for any
+    randomness (noise, random routing, random drops).  state: the stream's RouterState.
+    """
+
+    top_k: int
+    capacity: int | None
+    drop_policy: str = "position"
+    generator: torch.Generator | None = None
+    state: RouterState | None = None
+
+
+class Router:
+    """Base of every router. Subclasses are frozen dataclasses registered by name.
+
+    Class attributes describe the router to the runner and the docs:
+    paper: the reference.  needs: inputs beyond logits ("hidden", "token_ids").
+    fixed_top_k: the only top_k the algorithm defines (switch: 1, gshard: 2), else None.
+    """
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    needs: ClassVar[tuple[str, ...]] = ()
+    fixed_top_k: ClassVar[int | None] = None
+
+    def applicable(self, top_k: int, num_experts: int) -> str | None:
+        """None if the router can run at this shape, else the reason it is skipped."""
+        if self.fixed_top_k is not None and top_k != self.fixed_top_k:
+            return f"{self.name} routes each token to exactly {self.fixed_top_k} expert(s); case has top_k={top_k}"
+        return None
+
+    def init_state(self, num_experts: int, device: torch.device) -> RouterState:
+        return RouterState()
+
+    def update_state(self, state: RouterState, routing: Routing) -> None:
+        """Called after each batch of a stream; stateless routers do nothing."""
+
+    def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:  # pragma: no cover
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TokenChoiceRouter(Router):
+    """Shared options and pipeline of routers where each token picks its experts.
+
+    expert_bias: carry a per-expert bias b (DeepSeek aux-loss-free balancing) that is added to
+        the scores for selection only, updated after each batch as
+        b_e <- b_e + bias_update_rate * sign(mean(c) - c_e).
+    renormalize_after_drop: rescale a token's kept weights to sum to what all its weights
+        summed to before dropping (fairseq); off by default (ROUTERS.md §2).
+    """
+
+    expert_bias: bool = False
+    bias_update_rate: float = 1e-3
+    renormalize_after_drop: bool = False
+
+    def init_state(self, num_experts, device):
+        bias = torch.zeros(num_experts, dtype=torch.float32, device=device) if self.expert_bias else None
+        return RouterState(bias=bias)
+
+    def update_state(self, state, routing):
+        if state.bias is None:
+            return
+        load = routing.load().float()
+        state.bias += self.bias_update_rate * torch.sign(load.mean() - load)
+
+    def selection_scores(self, scores: torch.Tensor, ctx: RouteContext) -> torch.Tensor:
+        """<float32>[T, E]: scores plus the expert bias when one is carried."""
+        if ctx.state is not None and ctx.state.bias is not None:
+            return scores + ctx.state.bias
+        return scores
+
+    def finish(
+        self,
+        expert: torch.Tensor,
+        weight: torch.Tensor,
+        probs: torch.Tensor,
+        logits: torch.Tensor,
+        ctx: RouteContext,
+        priority_scores: torch.Tensor | None = None,
+        active: torch.Tensor | None = None,
+    ) -> Routing:
+        """Apply capacity and the drop policy to chosen experts and build the Routing.
+
+        expert <int64>[T, k], weight <float32>[T, k]: each token's choices in choice order.
+        priority_scores <float32>[T, k]: what `probs`/`bpr` rank by (default: weight).
+        active <bool>[T, k]: choices the router actually makes (GShard's random routing can
+            decline a 2nd expert); inactive ones are not assignments at all. Default: all.
+        """
+        t, k = expert.shape
+        expert_kt = expert.t().contiguous()  # [k, T]: rank-major, the `position` order
+        weight_kt = weight.t().float().contiguous()
+        device = expert.device
+        token_kt = torch.arange(t, device=device).expand(k, t)
+        choice_kt = torch.arange(k, device=device)[:, None].expand(k, t)
+        if ctx.capacity is None:
+            kept_kt = torch.ones_like(expert_kt, dtype=torch.bool)
+        else:
+            ranked = weight_kt if priority_scores is None else priority_scores.t()
+            priority = get_drop_policy(ctx.drop_policy)(expert_kt, ranked, ctx.generator).reshape(-1)
+            flat_expert = expert_kt.reshape(-1)
+            if active is None:
+                kept = keep_within_capacity(flat_expert, priority, ctx.capacity, probs.shape[1])
+            else:
+                act = active.t().reshape(-1)
+                kept = torch.zeros(k * t, dtype=torch.bool, device=device)
+                kept[act] = keep_within_capacity(
+                    flat_expert[act], priority[act], ctx.capacity, probs.shape[1], span=k * t
+                )
+            kept_kt = kept.view(k, t)
+        if self.renormalize_after_drop and ctx.capacity is not None:
+            mask = kept_kt if active is None else kept_kt & active.t()
+            asked = weight_kt if active is None else torch.where(active.t(), weight_kt, 0.0)
+            kept_sum = torch.where(mask, weight_kt, 0.0).sum(0, keepdim=True)
+            scale = torch.where(kept_sum > 0, asked.sum(0, keepdim=True) / kept_sum.clamp_min(1e-20), 1.0)
+            weight_kt = torch.where(kept_kt, weight_kt * scale, weight_kt)
+        select = slice(None) if active is None else active.t().reshape(-1)
+        return Routing(
+            token_index=token_kt.reshape(-1)[select],
+            expert_index=expert_kt.reshape(-1)[select],
+            choice=choice_kt.reshape(-1)[select],
+            weight=weight_kt.reshape(-1)[select],
+            kept=kept_kt.reshape(-1)[select],
+            probs=probs,
+            logits=logits,
+            top_k=k,
+            capacity=ctx.capacity,
+        )
+
+
+def uniform_probs(logits: torch.Tensor) -> torch.Tensor:
+    """<float32>[T, E] of 1/E: the 'score' of routers that ignore the logits (baselines, hash)."""
+    t, e = logits.shape
+    return torch.full((t, e), 1.0 / e, dtype=torch.float32, device=logits.device)

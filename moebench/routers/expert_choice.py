@@ -1,0 +1,45 @@
+"""Expert Choice routing: Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing"."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from moebench.routers.base import RouteContext, RouteInputs, Router
+from moebench.routers.registry import register
+from moebench.routing import Routing
+
+
+@register("expert_choice")
+@dataclass(frozen=True)
+class ExpertChoice(Router):
+    """Each expert takes the C tokens with the highest p[t, e], p = softmax(x) over experts.
+
+    C is the case's capacity (ceil(cf * k * T / E): the same slots token choice gets, i.e.
+    ROUTERS.md's EC capacity with cf_EC = cf * k mean experts per token). Dropless cases use
+    cf = 1 per choice, C = ceil(k * T / E). Combine weight of (t, e) is p[t, e].
+    Nothing is dropped by construction; tokens chosen by no expert are the 'dropped tokens'.
+    """
+
+    paper = "Zhou et al. 2022, Mixture-of-Experts with Expert Choice Routing"
+
+    def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:
+        logits = inputs.logits.float()
+        t, e = logits.shape
+        probs = torch.softmax(logits, dim=-1)
+        c = ctx.capacity if ctx.capacity is not None else min(t, math.ceil(ctx.top_k * t / e))
+        top = torch.topk(probs.t(), c, dim=1)  # [E, C]: each expert's chosen tokens
+        device = logits.device
+        return Routing(
+            token_index=top.indices.reshape(-1),
+            expert_index=torch.arange(e, device=device).repeat_interleave(c),
+            choice=torch.arange(c, device=device).repeat(e),
+            weight=top.values.reshape(-1),
+            kept=torch.ones(e * c, dtype=torch.bool, device=device),
+            probs=probs,
+            logits=logits,
+            top_k=ctx.top_k,
+            capacity=c,
+        )

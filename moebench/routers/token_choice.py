@@ -1,0 +1,196 @@
+"""Token-choice routers: top-k (Mixtral/Qwen/Megatron), Switch, noisy top-k, GShard, DeepSeek.
+
+All share `TokenChoiceRouter.finish` for capacity and drops, and its expert-bias option.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from moebench.routers.base import RouteContext, RouteInputs, TokenChoiceRouter
+from moebench.routers.registry import register
+from moebench.routing import Routing
+
+
+def _score(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """<float32>[T, E]: softmax or sigmoid affinities of fp32 logits."""
+    return torch.softmax(logits, dim=-1) if kind == "softmax" else torch.sigmoid(logits)
+
+
+def _as_probs(scores: torch.Tensor, kind: str) -> torch.Tensor:
+    """Row-normalised scores: what the load-balancing loss averages (sigmoid rows sum to 1)."""
+    if kind == "softmax":
+        return scores
+    return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+
+@register("topk")
+@dataclass(frozen=True)
+class TopK(TokenChoiceRouter):
+    """General token choice: pick the k experts with the highest score (+ bias).
+
+    score: softmax or sigmoid of the logits.
+    softmax_after_topk: weights = softmax over the k chosen logits (Mixtral); needs softmax.
+    renormalize: divide the k weights by their sum (Qwen-MoE `norm_topk_prob`).
+    route_scale: multiply the weights (DeepSeek-V3 `routed_scaling_factor`).
+    """
+
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    softmax_after_topk: bool = False
+    renormalize: bool = False
+    route_scale: float = 1.0
+
+    paper = "Mixtral (Jiang et al. 2024), Qwen-MoE, Megatron-Core topk_routing_with_score_function"
+
+    def check(self) -> str | None:
+        if self.softmax_after_topk and self.score != "softmax":
+            return "softmax_after_topk needs score: softmax"
+        if self.route_scale <= 0:
+            return f"route_scale must be > 0, got {self.route_scale}"
+        return None
+
+    def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:
+        logits = inputs.logits.float()
+        scores = _score(logits, self.score)
+        expert = torch.topk(self.selection_scores(scores, ctx), ctx.top_k, dim=-1).indices
+        if self.softmax_after_topk:
+            weight = torch.softmax(logits.gather(1, expert), dim=-1)
+        else:
+            weight = scores.gather(1, expert)
+        if self.renormalize:
+            weight = weight / weight.sum(-1, keepdim=True).clamp_min(1e-20)
+        return self.finish(expert, weight * self.route_scale, _as_probs(scores, self.score), logits, ctx)
+
+
+@register("switch")
+@dataclass(frozen=True)
+class Switch(TokenChoiceRouter):
+    """Switch Transformer: e* = argmax softmax(x), capacity with k = 1, weight p[e*] (not renormalised)."""
+
+    fixed_top_k = 1
+    paper = "Fedus, Zoph, Shazeer 2021, Switch Transformers"
+
+    def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:
+        logits = inputs.logits.float()
+        probs = torch.softmax(logits, dim=-1)
+        top = torch.topk(self.selection_scores(probs, ctx), 1, dim=-1).indices
+        return self.finish(top, probs.gather(1, top), probs, logits, ctx)
+
+
+@register("noisy_topk")
+@dataclass(frozen=True)
+class NoisyTopK(TokenChoiceRouter):
+    """Shazeer et al. 2017: H = x + eps * sigma, keep the top-k of H, weights = softmax of the kept H.
+
+    noise_std: sigma when there is no noise gate.
+    noise_gate: sigma = softplus(h · W_noise) with a seeded W_noise ~ N(0, 1/d) (needs hidden).
+    """
+
+    noise_std: float = 1.0
+    noise_gate: bool = False
+
+    paper = "Shazeer et al. 2017, Outrageously Large Neural Networks"
+
+    @property
+    def needs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("hidden",) if self.noise_gate else ()
+
+    def check(self) -> str | None:
+        return None if self.noise_std >= 0 else f"noise_std must be >= 0, got {self.noise_std}"
+
+    def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:
+        logits = inputs.logits.float()
+        t, e = logits.shape
+        eps = torch.randn(t, e, generator=ctx.generator, device=logits.device)
+        if self.noise_gate:
+            h = inputs.hidden.float()
+            w_noise = torch.randn(h.shape[1], e, generator=ctx.generator, device=h.device) / h.shape[1] ** 0.5
+            sigma = F.softplus(h @ w_noise)
+        else:
+            sigma = self.noise_std
+        noisy = logits + eps * sigma
+        probs = torch.softmax(noisy, dim=-1)
+        top = torch.topk(self.selection_scores(noisy, ctx), ctx.top_k, dim=-1)
+        weight = torch.softmax(noisy.gather(1, top.indices), dim=-1)
+        return self.finish(top.indices, weight, probs, logits, ctx)
+
+
+@register("gshard")
+@dataclass(frozen=True)
+class GShard(TokenChoiceRouter):
+    """GShard top-2: g1, g2 from softmax(x), renormalised to sum 1; the 2nd expert is kept only
+    with probability min(1, 2 * g2) (random routing). With the `position` policy all 1st choices
+    take capacity slots before any 2nd choice.
+    """
+
+    fixed_top_k = 2
+    second_expert_sampling: bool = True
+    paper = "Lepikhin et al. 2020, GShard"
+
+    def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:
+        logits = inputs.logits.float()
+        probs = torch.softmax(logits, dim=-1)
+        expert = torch.topk(self.selection_scores(probs, ctx), 2, dim=-1).indices
+        gates = probs.gather(1, expert)
+        weight = gates / gates.sum(-1, keepdim=True).clamp_min(1e-20)
+        active = torch.ones_like(expert, dtype=torch.bool)
+        if self.second_expert_sampling:
+            u = torch.rand(expert.shape[0], generator=ctx.generator, device=logits.device)
+            active[:, 1] = u < (2 * weight[:, 1]).clamp(max=1.0)
+        return self.finish(expert, weight, probs, logits, ctx, active=active)
+
+
+@register("deepseek")
+@dataclass(frozen=True)
+class DeepSeek(TokenChoiceRouter):
+    """DeepSeek-V3: s = sigmoid(x); select on s + b with an optional group limit; weights are the
+    chosen s normalised to sum 1, times route_scale. The bias b is on by default (aux-loss-free).
+
+    num_groups: experts split into this many equal groups (1 = no group limit).
+    topk_groups: groups kept, ranked by the sum of each group's top-2 (s + b).
+    """
+
+    expert_bias: bool = True
+    num_groups: int = 1
+    topk_groups: int = 1
+    route_scale: float = 1.0
+
+    paper = "DeepSeek-V3 technical report 2024; Wang et al. 2024, Auxiliary-Loss-Free Load Balancing"
+
+    def check(self) -> str | None:
+        if self.num_groups < 1 or self.topk_groups < 1 or self.topk_groups > self.num_groups:
+            return f"need 1 <= topk_groups <= num_groups, got topk_groups={self.topk_groups}, num_groups={self.num_groups}"
+        if self.route_scale <= 0:
+            return f"route_scale must be > 0, got {self.route_scale}"
+        return None
+
+    def applicable(self, top_k: int, num_experts: int) -> str | None:
+        if num_experts % self.num_groups:
+            return f"num_groups={self.num_groups} does not divide experts={num_experts}"
+        per_group = num_experts // self.num_groups
+        if self.num_groups > 1 and per_group < 2:
+            return f"group scores need >= 2 experts per group, got {per_group}"
+        if top_k > self.topk_groups * per_group:
+            return f"top_k={top_k} exceeds the {self.topk_groups * per_group} experts in the kept groups"
+        return None
+
+    def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:
+        logits = inputs.logits.float()
+        t, e = logits.shape
+        scores = torch.sigmoid(logits)
+        select = self.selection_scores(scores, ctx)
+        if self.num_groups > 1:
+            grouped = select.view(t, self.num_groups, e // self.num_groups)
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]
+            keep = torch.topk(group_score, self.topk_groups, dim=-1).indices
+            group_mask = torch.zeros(t, self.num_groups, dtype=torch.bool, device=logits.device)
+            group_mask.scatter_(1, keep, True)
+            select = select.masked_fill(~group_mask.repeat_interleave(e // self.num_groups, dim=1), float("-inf"))
+        expert = torch.topk(select, ctx.top_k, dim=-1).indices
+        weight = scores.gather(1, expert)
+        weight = weight / weight.sum(-1, keepdim=True).clamp_min(1e-20) * self.route_scale
+        return self.finish(expert, weight, _as_probs(scores, "sigmoid"), logits, ctx)

@@ -1,0 +1,80 @@
+"""`Routing`: the one type every router returns, so no consumer branches on a router's class.
+
+Shapes follow flaxformer's docstring convention: ``<dtype>[dims]``. T tokens, E experts, k
+choices per token, A assignments (token, expert pairs a router asked for before capacity).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SoftSlots:
+    """Soft MoE's dense slot matrices (Puigcerver et al. 2023).
+
+    dispatch <float32>[T, E*S]: softmax over tokens per slot (each column sums to 1).
+    combine  <float32>[T, E*S]: softmax over slots per token (each row sums to 1).
+    slots_per_expert: S.
+    """
+
+    dispatch: torch.Tensor
+    combine: torch.Tensor
+    slots_per_expert: int
+
+
+@dataclass(frozen=True)
+class Routing:
+    """A router's decision for one batch.
+
+    token_index  <int64>[A]: token of each assignment.
+    expert_index <int64>[A]: expert of each assignment.
+    choice       <int64>[A]: 0 for a token's first choice, 1 for its second, ...
+                             (expert choice: the token's rank within the expert).
+    weight       <float32>[A]: combine weight of each assignment as the router gave it.
+    kept         <bool>[A]: the assignment got a capacity slot.
+    probs        <float32>[T, E]: router probabilities p over all experts (for losses).
+    logits       <float32>[T, E]: the raw router logits x.
+    top_k: choices per token the router was asked for (expert choice: mean experts per token).
+    capacity: slots per expert, or None when dropless.
+    soft: Soft MoE slot matrices, else None.
+    """
+
+    token_index: torch.Tensor
+    expert_index: torch.Tensor
+    choice: torch.Tensor
+    weight: torch.Tensor
+    kept: torch.Tensor
+    probs: torch.Tensor
+    logits: torch.Tensor
+    top_k: int
+    capacity: int | None
+    soft: SoftSlots | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.probs.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs.shape[1]
+
+    def demand(self) -> torch.Tensor:
+        """<int64>[E]: assignments that asked for each expert, before capacity."""
+        return torch.bincount(self.expert_index, minlength=self.num_experts)
+
+    def load(self) -> torch.Tensor:
+        """<int64>[E]: assignments each expert kept, after capacity."""
+        return torch.bincount(self.expert_index[self.kept], minlength=self.num_experts)
+
+    def kept_weight_per_token(self) -> torch.Tensor:
+        """<float32>[T]: sum of kept combine weights of each token."""
+        out = torch.zeros(self.num_tokens, dtype=torch.float32, device=self.weight.device)
+        return out.index_add_(0, self.token_index, torch.where(self.kept, self.weight.float(), 0.0))
+
+    def kept_experts_per_token(self) -> torch.Tensor:
+        """<int64>[T]: number of kept assignments of each token."""
+        out = torch.zeros(self.num_tokens, dtype=torch.int64, device=self.kept.device)
+        return out.index_add_(0, self.token_index, self.kept.long())

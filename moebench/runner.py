@@ -1,0 +1,183 @@
+"""Measure one case: every router on one workload shape, metrics per batch, timed phases.
+
+The runner returns data and never prints. A router that does not apply to a case, or a device
+that is missing, gives a `skipped` row with its reason; a fault (out of memory, NaN logits, a
+bug in a router) gives an `error` row with the message, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+import torch
+
+from moebench.capacity import expert_capacity
+from moebench.case import Case, NamedSpec, TimingSpec
+from moebench.dispatch import combine, dispatch
+from moebench.errors import WorkloadMismatchError
+from moebench.metrics import routing_metrics
+from moebench.routers.base import RouteContext, RouteInputs, Router
+from moebench.routers.registry import ROUTERS
+from moebench.routing import Routing
+from moebench.timing import clock_for, measure, peak_memory, pinned_threads
+from moebench.workloads import WORKLOADS, BatchShape, generator
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Streams of the case seed (workloads use 0 and 1 + batch): router randomness starts here.
+ROUTER_STREAM = 1_000_000
+
+QUICK_TOKENS = 2048
+QUICK_BATCHES = 4
+QUICK_TIMING = TimingSpec(warmup_rounds=1, min_rounds=3, max_rounds=5, min_time_s=0.0)
+
+
+class NonFiniteLogits(RuntimeError):
+    """The workload produced NaN or infinite logits."""
+
+
+@dataclass(frozen=True)
+class RowResult:
+    """One finished row and, for streams, its per-batch metrics."""
+
+    row: dict
+    batches: list[dict]
+
+
+def quick_case(case: Case) -> Case:
+    """A smaller case for smoke runs: tokens and stream length capped."""
+    return replace(case, tokens=min(case.tokens, QUICK_TOKENS), batches=min(case.batches, QUICK_BATCHES))
+
+
+def quick_timing(timing: TimingSpec) -> TimingSpec:
+    return replace(QUICK_TIMING, threads=timing.threads, enabled=timing.enabled, cpu_memory=timing.cpu_memory)
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def _mean_metrics(per_batch: list[dict]) -> dict:
+    out = {}
+    for key in per_batch[0]:
+        values = [m[key] for m in per_batch if m[key] is not None and not math.isnan(m[key])]
+        out[key] = sum(values) / len(values) if values else math.nan
+    return out
+
+
+def _time_phases(router: Router, inputs: RouteInputs, ctx: RouteContext, routing: Routing,
+                 timing: TimingSpec, device: str) -> dict:
+    """Median/IQR/CI, tokens/s and peak memory of route, dispatch and combine."""
+    clock = clock_for(device)
+    dispatched = dispatch(routing, inputs.hidden)
+    phases = {
+        "route": lambda: router.route(inputs, ctx),
+        "dispatch": lambda: dispatch(routing, inputs.hidden),
+        "combine": lambda: combine(routing, dispatched, dispatched.rows),
+    }
+    out = {}
+    tokens = inputs.logits.shape[0]
+    for name, fn in phases.items():
+        stats = measure(fn, timing, clock)
+        out.update(stats.as_row(name))
+        out[f"{name}.tokens_per_s"] = tokens / (stats.median / 1e3) if stats.median > 0 else math.nan
+        measured = device != "cpu" or timing.cpu_memory
+        out[f"{name}.peak_mem_bytes"] = peak_memory(fn, device) if measured else None
+    return out
+
+
+class CaseRunner:
+    """Runs the routers of a suite on one case. Batches are generated once and shared."""
+
+    def __init__(self, case: Case, timing: TimingSpec, base_row: dict):
+        self.case = case
+        self.timing = timing
+        self.base_row = {**base_row, **case.axes()}
+        self._inputs: list[RouteInputs] | None = None
+
+    def inputs(self) -> list[RouteInputs]:
+        if self._inputs is None:
+            c = self.case
+            workload = WORKLOADS.create(c.workload.name, c.workload.params)
+            shape = BatchShape(c.tokens, c.experts, c.hidden, c.device, DTYPES[c.dtype])
+            self._inputs = [workload.batch(shape, c.seed, b) for b in range(c.batches)]
+        return self._inputs
+
+    def rows(self, routers: list[NamedSpec], skip: set[str] = frozenset()) -> Iterator[RowResult]:
+        """One RowResult per router not in ``skip`` (labels already measured)."""
+        device_problem = self._device_problem()
+        threads_wanted = self.timing.threads if self.case.device == "cpu" else None
+        with pinned_threads(threads_wanted) as threads:
+            for spec in routers:
+                if spec.display in skip:
+                    continue
+                row = {
+                    **self.base_row,
+                    "router": spec.display,
+                    "router_name": spec.name,
+                    "router_params": spec.params_json(),
+                    "threads": threads,
+                    "status": "ok",
+                    "reason": None,
+                }
+                if device_problem:
+                    row.update(status="skipped", reason=device_problem)
+                    yield RowResult(row, [])
+                    continue
+                yield self._run_router(spec, row)
+
+    def _device_problem(self) -> str | None:
+        if self.case.device.startswith("cuda") and not cuda_available():
+            return "CUDA is not available on this machine"
+        return None
+
+    def _run_router(self, spec: NamedSpec, row: dict) -> RowResult:
+        c = self.case
+        try:
+            router = ROUTERS.create(spec.name, spec.params)
+            reason = router.applicable(c.top_k, c.experts)
+            if reason:
+                row.update(status="skipped", reason=reason)
+                return RowResult(row, [])
+            batches = self._stream(router, row)
+        except WorkloadMismatchError as exc:
+            row.update(status="skipped", reason=str(exc))
+            return RowResult(row, [])
+        except Exception as exc:  # any fault is recorded; the run goes on
+            row.update(status="error", reason=f"{type(exc).__name__}: {exc}".strip(), error_at=_where(exc))
+            if c.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            return RowResult(row, [])
+        return RowResult(row, batches if c.batches > 1 else [])
+
+    def _stream(self, router: Router, row: dict) -> list[dict]:
+        """Route every batch of the stream, carrying state; time the phases on batch 0."""
+        c = self.case
+        capacity = expert_capacity(c.capacity, c.tokens, c.experts, c.top_k)
+        state = router.init_state(c.experts, torch.device(c.device))
+        per_batch = []
+        for b, inputs in enumerate(self.inputs()):
+            if not bool(torch.isfinite(inputs.logits).all()):
+                raise NonFiniteLogits(f"batch {b}: the workload produced NaN or infinite logits")
+            ctx = RouteContext(c.top_k, capacity, c.drop_policy, generator(c.device, c.seed, ROUTER_STREAM + b), state)
+            routing = router.route(inputs, ctx)
+            metrics = routing_metrics(routing)
+            per_batch.append(metrics)
+            if b == 0:
+                row["capacity"] = routing.capacity
+                if self.timing.enabled:
+                    timed_ctx = replace(ctx, generator=generator(c.device, c.seed, ROUTER_STREAM))
+                    row.update(_time_phases(router, inputs, timed_ctx, routing, self.timing, c.device))
+            router.update_state(state, routing)
+        row.update(_mean_metrics(per_batch))
+        key = {"run_id": row.get("run_id"), "case_id": row["case_id"], "router": row["router"]}
+        return [{**key, "batch": b, **m} for b, m in enumerate(per_batch)]
+
+
+def _where(exc: BaseException) -> str:
+    """file:line of the innermost frame, so an error row points at the code that failed."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else ""

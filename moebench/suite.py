@@ -1,0 +1,432 @@
+"""Suite files: YAML -> merged document -> validated, expanded `Suite` (DESIGN.md, first box).
+
+``load_suite(path)`` is ``validate_document(load_document(path))``. Every problem raises a
+one-line `SuiteError` naming the file, the field path (dots and ``[i]``) and what was expected.
+The field rules live in two tables, `AXES` and `TIMING`, which schema.py also reads, so the
+validator and the JSON Schema cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from moebench.case import Case, NamedSpec, Suite, TimingSpec
+from moebench.drop_policies import DROP_POLICIES
+from moebench.errors import SuiteError, UnknownNameError, did_you_mean
+from moebench.registry import Registry
+from moebench.routers.registry import ROUTERS
+from moebench.workloads import WORKLOADS
+
+NAME_PATTERN = r"[A-Za-z0-9_.-]+"  # suite names end up in result directory names
+LABEL_PATTERN = r"[A-Za-z0-9_.+=-]+"  # labels end up in case ids and table columns
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("cpu", "cuda")
+TOP_LEVEL_KEYS = ("name", "version", "description", "include", "defaults", "grid", "routers", "timing")
+SPEC_KEYS = ("name", "params", "label")
+MAX_CASES = 100_000  # a typo like `tokens: [1, 2, ..., 4096]` should fail fast, not hang
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one scalar field accepts.
+
+    kind: "int", "number", "bool", "choice" (one of ``choices``) or "workload" (a NamedSpec).
+    minimum/exclusive: lower bound (``> minimum`` when exclusive).  nullable: null allowed,
+    and ``what`` says what null means; for choices ``what`` names the kind of name.
+    required: must be given (axes only).  default: the value when absent.
+    """
+
+    kind: str
+    minimum: float | None = None
+    exclusive: bool = False
+    nullable: bool = False
+    choices: tuple[str, ...] = ()
+    what: str = ""
+    required: bool = False
+    default: Any = None
+
+    def describe(self) -> str:
+        text = {"int": "an integer", "number": "a number", "bool": "a boolean"}[self.kind]
+        if self.minimum is not None:
+            text += f" {'>' if self.exclusive else '>='} {self.minimum:g}"
+        if self.nullable:
+            text += f" or null ({self.what})" if self.what else " or null"
+        return text
+
+    def check(self, value: Any) -> tuple[str | None, Any]:
+        """(None, normalised value) if ``value`` is acceptable, else (what was expected, value)."""
+        if value is None and self.nullable:
+            return None, None
+        if self.kind == "choice":
+            if isinstance(value, str) and value in self.choices:
+                return None, value
+            return f"unknown {self.what} {show(value)}{did_you_mean(str(value), list(self.choices))}", value
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        ok = {
+            "int": is_int,
+            "number": is_int or (isinstance(value, float) and math.isfinite(value)),
+            "bool": isinstance(value, bool),
+        }[self.kind]
+        if ok and self.minimum is not None:
+            ok = value > self.minimum if self.exclusive else value >= self.minimum
+        if not ok:
+            return f"expected {self.describe()}, got {show(value)}", value
+        # floats stay floats: `1` and `1.0` must give the same case id
+        return None, float(value) if self.kind == "number" else value
+
+
+# Axes in Case field order (the expansion order). Defaults match Case's, except that Case has
+# no default capacity factor; a suite that never names one gets 1.25.
+AXES: dict[str, Rule] = {
+    "workload": Rule("workload", required=True),
+    "tokens": Rule("int", 0, exclusive=True, required=True),
+    "experts": Rule("int", 2, required=True),
+    "top_k": Rule("int", 1, required=True),
+    "capacity_factor": Rule("number", 0, exclusive=True, nullable=True, what="dropless", default=1.25),
+    "drop_policy": Rule("choice", choices=tuple(DROP_POLICIES), what="drop policy", default="position"),
+    "min_capacity": Rule("int", 0, default=0),
+    "capacity_multiple": Rule("int", 1, default=1),
+    "hidden": Rule("int", 1, default=64),
+    "dtype": Rule("choice", choices=DTYPES, what="dtype", default="float32"),
+    "device": Rule("choice", choices=DEVICES, what="device", default="cpu"),
+    "seed": Rule("int", 0, default=0),
+    "batches": Rule("int", 1, default=1),
+}
+
+TIMING: dict[str, Rule] = {
+    "warmup_rounds": Rule("int", 0),
+    "min_rounds": Rule("int", 1),
+    "max_rounds": Rule("int", 1),
+    "min_time_s": Rule("number", 0),
+    "threads": Rule("int", 1, nullable=True, what="all cores"),
+    "enabled": Rule("bool"),
+    "cpu_memory": Rule("bool"),
+}
+
+
+def show(value: Any) -> str:
+    """A value as the user wrote it in YAML, shortened to fit one line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = repr(value) if isinstance(value, (str, int, float)) else json.dumps(value, default=str)
+    text = " ".join(text.split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML, includes, deep merge
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys (plain PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable key: the base class reports it
+                continue
+            if duplicate:
+                problem = f"found duplicate key {show(key)}"
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, problem, key_node.start_mark
+                )
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_message(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    text = (f"line {mark.line + 1}, column {mark.column + 1}: " if mark else "") + problem
+    text += f" ({context})" if context else ""
+    return " ".join(text.split())
+
+
+def _read_yaml(path: Path, file: str) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SuiteError(file, "<file>", "file not found") from None
+    except IsADirectoryError:
+        raise SuiteError(file, "<file>", "is a directory, not a suite file") from None
+    except UnicodeDecodeError:
+        raise SuiteError(file, "<file>", "not UTF-8 text") from None
+    except OSError as exc:
+        raise SuiteError(file, "<file>", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        raise SuiteError(file, "<yaml>", _yaml_message(exc)) from None
+
+
+def _include_list(value: Any, file: str) -> list[tuple[str, str]]:
+    """[(path, field)] of an `include:` value: one path or a list of paths."""
+    if isinstance(value, str):
+        return [(value, "include")]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [(v, f"include[{i}]") for i, v in enumerate(value)]
+    raise SuiteError(file, "include", f"expected a path or a list of paths, got {show(value)}")
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    """Mappings merge key by key (``override`` wins); anything else, lists included, is replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _deep_merge(out[key], value) if both else value
+    return out
+
+
+def _key_paths(doc: dict, prefix: str = "") -> Iterator[str]:
+    """Dotted paths of every mapping key in ``doc`` ("grid", "grid.tokens", ...)."""
+    for key, value in doc.items():
+        path = f"{prefix}{key}"
+        yield path
+        if isinstance(value, dict):
+            yield from _key_paths(value, path + ".")
+
+
+def _load(path: Path, file: str, chain: tuple[tuple[str, str], ...]) -> tuple[Any, dict[str, str]]:
+    """The document at ``path`` with its includes merged in, and the file each key path came from.
+
+    file: the path as shown in errors.  chain: (real path, shown path) of the including files.
+    """
+    doc = _read_yaml(path, file)
+    if not isinstance(doc, dict):
+        if chain:  # the top file's shape is reported by the validator
+            raise SuiteError(file, "", f"an included file must be a mapping, got {show(doc)}")
+        return doc, {}
+    chain = chain + ((os.path.realpath(path), file),)
+    merged: dict = {}
+    origins: dict[str, str] = {}
+    for include, field in _include_list(doc.get("include", []), file):
+        target = path.parent / include
+        shown = os.path.normpath(os.path.join(os.path.dirname(file), include))
+        if any(real == os.path.realpath(target) for real, _ in chain):
+            cycle = " -> ".join([shown_ for _, shown_ in chain] + [shown])
+            raise SuiteError(file, field, f"include cycle: {cycle}")
+        if not target.is_file():
+            raise SuiteError(file, field, f"included file not found: {shown}")
+        sub, sub_origins = _load(target, shown, chain)
+        merged = _deep_merge(merged, sub)
+        origins.update(sub_origins)
+    own = {k: v for k, v in doc.items() if k != "include"}
+    merged = _deep_merge(merged, own)
+    origins.update(dict.fromkeys(_key_paths(own), file))
+    live = set(_key_paths(merged))  # drop origins of keys an override replaced wholesale
+    return merged, {p: f for p, f in origins.items() if p in live}
+
+
+def load_document(path: str | Path) -> dict:
+    """The suite at ``path`` with its includes merged in (``include`` removed), not validated.
+
+    Raises SuiteError for a missing file, bad YAML, a bad include or an include cycle. The
+    result is not necessarily a mapping when the file itself is not one.
+    """
+    return _load(Path(path), str(path), ())[0]
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Load, merge, validate and expand the suite at ``path``; raises SuiteError."""
+    document, origins = _load(Path(path), str(path), ())
+    return validate_document(document, str(path), origins)
+
+
+def validate_document(document: Any, file: str, origins: dict[str, str] | None = None) -> Suite:
+    """Validate a merged suite document and expand its grid.
+
+    file: the suite's path as the user gave it (used in errors and as ``Suite.path``).
+    origins: dotted key path -> file it came from (from includes), for error messages.
+    """
+    return _Validator(str(file), origins or {}).suite(document)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and expansion
+
+
+class _Validator:
+    def __init__(self, file: str, origins: dict[str, str]):
+        self.file = file
+        self.origins = origins
+
+    def fail(self, field: str, message: str):
+        raise SuiteError(self.origin(field), field, message)
+
+    def origin(self, field: str) -> str:
+        """The file that set ``field`` (longest key-path prefix with a known origin)."""
+        parts = re.split(r"(?=[.\[])", field)
+        for n in range(len(parts), 0, -1):
+            file = self.origins.get("".join(parts[:n]))
+            if file:
+                return file
+        return self.file
+
+    def mapping(self, value: Any, field: str, allowed) -> dict:
+        if not isinstance(value, dict):
+            self.fail(field, f"expected a mapping, got {show(value)}")
+        for key in value:
+            if key not in allowed:
+                path = f"{field}.{key}" if field else str(key)
+                self.fail(path, f"unknown key {show(key)}{did_you_mean(str(key), list(allowed))}")
+        return value
+
+    def suite(self, doc: Any) -> Suite:
+        if doc is None:
+            self.fail("", "the file is empty; expected a mapping of suite fields")
+        if not isinstance(doc, dict):
+            self.fail("", f"expected a mapping of suite fields, got {show(doc)}")
+        self.mapping(doc, "", TOP_LEVEL_KEYS)
+        for key in ("name", "version", "routers"):
+            if key not in doc:
+                self.fail(key, "missing required field")
+        name, version, description = doc["name"], doc["version"], doc.get("description", "")
+        if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+            self.fail("name", f"expected a string of letters, digits, '_', '.' or '-', got {show(name)}")
+        problem, _ = Rule("int", 1).check(version)
+        if problem:
+            self.fail("version", problem)
+        if not isinstance(description, str):
+            self.fail("description", f"expected a string, got {show(description)}")
+        if "include" in doc:  # normally resolved by load_document; a direct caller gets it checked
+            _include_list(doc["include"], self.file)
+        routers = self.routers(doc["routers"])
+        cases = self.cases(doc)
+        timing = self.timing(doc.get("timing", {}))
+        sha256 = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+        return Suite(name, version, description, self.file, doc, sha256, routers, cases, timing)
+
+    def named(self, item: Any, field: str, registry: Registry) -> NamedSpec:
+        """A registry name, or a {name, params, label} mapping, checked against ``registry``."""
+        kind = registry.kind
+        params: Any = {}
+        label: Any = ""
+        if isinstance(item, dict):
+            self.mapping(item, field, SPEC_KEYS)
+            if "name" not in item:
+                self.fail(f"{field}.name", "missing required field")
+            name, name_field = item["name"], f"{field}.name"
+            params = {} if item.get("params") is None else item["params"]
+            label = item.get("label", "")
+            if not isinstance(params, dict):
+                self.fail(f"{field}.params", f"expected a mapping of {kind} options, got {show(params)}")
+            if "label" in item and not (isinstance(label, str) and re.fullmatch(LABEL_PATTERN, label)):
+                self.fail(f"{field}.label", f"expected a label of letters, digits and _.+=-, got {show(label)}")
+        elif isinstance(item, str):
+            name, name_field = item, field
+        else:
+            self.fail(field, f"expected a {kind} name or a mapping of name/params/label, got {show(item)}")
+        if not isinstance(name, str):
+            self.fail(name_field, f"expected a {kind} name, got {show(name)}")
+        try:
+            registry.get(name)
+        except UnknownNameError as exc:
+            self.fail(name_field, str(exc))
+        problem = registry.problem(name, params)
+        if problem:
+            self.fail(f"{field}.params", problem)
+        return NamedSpec(name, dict(params), label)
+
+    def routers(self, value: Any) -> tuple[NamedSpec, ...]:
+        if not isinstance(value, list) or not value:
+            self.fail("routers", f"expected a non-empty list of routers, got {show(value)}")
+        specs: list[NamedSpec] = []
+        seen: dict[str, int] = {}
+        for i, item in enumerate(value):
+            spec = self.named(item, f"routers[{i}]", ROUTERS)
+            if spec.display in seen:
+                self.fail(
+                    f"routers[{i}].label",
+                    f"duplicate label {spec.display!r} (also routers[{seen[spec.display]}]); "
+                    "give each router a distinct label",
+                )
+            seen[spec.display] = i
+            specs.append(spec)
+        return tuple(specs)
+
+    def axis_values(self, value: Any, field: str, rule: Rule, listable: bool) -> list[tuple[Any, str]]:
+        """[(normalised value, field path)] of one axis; a list only in grid."""
+        if isinstance(value, list):
+            if not listable:
+                self.fail(field, "expected a single value (lists of values belong in grid)")
+            if not value:
+                self.fail(field, "empty list: give at least one value")
+            items = [(v, f"{field}[{j}]") for j, v in enumerate(value)]
+        else:
+            items = [(value, field)]
+        out: list[tuple[Any, str]] = []
+        seen: dict[str, str] = {}
+        for raw, path in items:
+            if rule.kind == "workload":
+                value_ = self.named(raw, path, WORKLOADS)
+                key = value_.display
+            else:
+                problem, value_ = rule.check(raw)
+                if problem:
+                    self.fail(path, problem)
+                key = json.dumps(value_)
+            if key in seen:  # a repeated value would repeat cases (and their ids)
+                if rule.kind == "workload":
+                    self.fail(path, f"duplicate workload label {key!r} (also {seen[key]}); give each a distinct label")
+                self.fail(path, f"duplicate value {key} (also {seen[key]}); give each value once")
+            seen[key] = path
+            out.append((value_, path))
+        return out
+
+    def cases(self, doc: dict) -> tuple[Case, ...]:
+        defaults = self.mapping(doc.get("defaults", {}), "defaults", AXES)
+        grid = self.mapping(doc.get("grid", {}), "grid", AXES)
+        given = {a: self.axis_values(v, f"defaults.{a}", AXES[a], listable=False) for a, v in defaults.items()}
+        given.update({a: self.axis_values(v, f"grid.{a}", AXES[a], listable=True) for a, v in grid.items()})
+        axes: dict[str, list[tuple[Any, str]]] = {}
+        for axis, rule in AXES.items():
+            if axis in given:
+                axes[axis] = given[axis]
+            elif rule.required:
+                self.fail(f"grid.{axis}", f"missing required axis {axis!r} (give it in grid or defaults)")
+            else:
+                axes[axis] = [(rule.default, "")]
+        for k, k_field in axes["top_k"]:
+            for e, e_field in axes["experts"]:
+                if k > e:
+                    self.fail(k_field, f"expected an integer <= experts ({e}, from {e_field}), got {k}")
+        count = math.prod(len(v) for v in axes.values())
+        if count > MAX_CASES:
+            self.fail("grid", f"expands to {count} cases; at most {MAX_CASES} are allowed")
+        names = list(AXES)
+        return tuple(
+            Case(**{n: v for n, (v, _) in zip(names, combo)}) for combo in itertools.product(*(axes[n] for n in names))
+        )
+
+    def timing(self, value: Any) -> TimingSpec:
+        given = self.mapping(value, "timing", TIMING)
+        fields = {}
+        for key, raw in given.items():
+            problem, fields[key] = TIMING[key].check(raw)
+            if problem:
+                self.fail(f"timing.{key}", problem)
+        spec = TimingSpec(**fields)
+        low, high = spec.min_rounds, spec.max_rounds
+        if high < low:  # blame the field the file gave (both given: max_rounds)
+            if "max_rounds" in given:
+                self.fail("timing.max_rounds", f"expected an integer >= min_rounds ({low}), got {high}")
+            self.fail("timing.min_rounds", f"expected an integer <= max_rounds ({high}), got {low}")
+        return spec
