@@ -11,7 +11,7 @@ import types
 import typing
 from typing import Any, Callable, Literal
 
-from moebench.errors import MoebenchError, UnknownNameError
+from moebench.errors import MoebenchError, UnknownNameError, did_you_mean
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +121,7 @@ class Registry:
         params = dict(params or {})
         for key, value in params.items():
             if key not in options:
-                raise UnknownNameError(f"option of {self.kind} {name!r}", key, list(options))
+                raise MoebenchError(f"{self.kind} {name!r} has no option {key!r}{did_you_mean(key, list(options))}")
             problem = options[key].check(value)
             if problem:
                 raise MoebenchError(f"option {key!r} of {self.kind} {name!r}: {problem}")

@@ -1,4 +1,5 @@
-"""Run storage: results/<suite>/<run-id>/ with rows.jsonl, batches.jsonl, meta.json, suite.yaml.
+"""Run storage: results/<suite>/<run-id>/ with rows.jsonl, batches.jsonl, loads.jsonl, meta.json
+and suite.yaml.
 
 Rows are appended one JSON line at a time and flushed to disk as each finishes, so Ctrl-C or
 a kill loses nothing already measured; a torn last line (killed mid-write) is ignored on read.
@@ -21,6 +22,7 @@ from moebench.errors import MoebenchError
 
 ROWS = "rows.jsonl"
 BATCHES = "batches.jsonl"
+LOADS = "loads.jsonl"
 META = "meta.json"
 SUITE_COPY = "suite.yaml"
 
@@ -89,6 +91,10 @@ class RunDir:
         return self.path / BATCHES
 
     @property
+    def loads_path(self) -> Path:
+        return self.path / LOADS
+
+    @property
     def meta_path(self) -> Path:
         return self.path / META
 
@@ -103,6 +109,11 @@ class RunDir:
     def append_batches(self, records: list[dict]) -> None:
         for record in records:
             _append_line(self.batches_path, record)
+
+    def append_loads(self, record: dict | None) -> None:
+        """Per-expert loads of one row's first batch: {run_id, case_id, router, batch, loads}."""
+        if record is not None:
+            _append_line(self.loads_path, record)
 
     def meta(self) -> dict:
         if not self.meta_path.exists():
@@ -119,6 +130,9 @@ class RunDir:
 
     def batches(self) -> list[dict]:
         return read_jsonl(self.batches_path)
+
+    def loads(self) -> list[dict]:
+        return read_jsonl(self.loads_path)
 
     def finished_keys(self) -> set[tuple[str, str]]:
         """(case_id, router) of rows already on disk: what --resume skips."""

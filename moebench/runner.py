@@ -18,7 +18,7 @@ from moebench.capacity import expert_capacity
 from moebench.case import Case, NamedSpec, TimingSpec
 from moebench.dispatch import combine, dispatch
 from moebench.errors import WorkloadMismatchError
-from moebench.metrics import routing_metrics
+from moebench.metrics import expert_loads, routing_metrics
 from moebench.routers.base import RouteContext, RouteInputs, Router
 from moebench.routers.registry import ROUTERS
 from moebench.routing import Routing
@@ -41,10 +41,11 @@ class NonFiniteLogits(RuntimeError):
 
 @dataclass(frozen=True)
 class RowResult:
-    """One finished row and, for streams, its per-batch metrics."""
+    """One finished row, its per-batch metrics (streams only) and per-expert loads (batch 0)."""
 
     row: dict
     batches: list[dict]
+    loads: dict | None = None
 
 
 def quick_case(case: Case) -> Case:
@@ -142,7 +143,7 @@ class CaseRunner:
             if reason:
                 row.update(status="skipped", reason=reason)
                 return RowResult(row, [])
-            batches = self._stream(router, row)
+            batches, loads = self._stream(router, row)
         except WorkloadMismatchError as exc:
             row.update(status="skipped", reason=str(exc))
             return RowResult(row, [])
@@ -151,10 +152,13 @@ class CaseRunner:
             if c.device.startswith("cuda"):
                 torch.cuda.empty_cache()
             return RowResult(row, [])
-        return RowResult(row, batches if c.batches > 1 else [])
+        return RowResult(row, batches if c.batches > 1 else [], loads)
 
-    def _stream(self, router: Router, row: dict) -> list[dict]:
-        """Route every batch of the stream, carrying state; time the phases on batch 0."""
+    def _stream(self, router: Router, row: dict) -> tuple[list[dict], dict]:
+        """Route every batch of the stream, carrying state; time the phases on batch 0.
+
+        Returns the per-batch metric records and batch 0's per-expert loads.
+        """
         c = self.case
         capacity = expert_capacity(c.capacity, c.tokens, c.experts, c.top_k)
         state = router.init_state(c.experts, torch.device(c.device))
@@ -168,13 +172,14 @@ class CaseRunner:
             per_batch.append(metrics)
             if b == 0:
                 row["capacity"] = routing.capacity
+                first_loads = [float(x) for x in expert_loads(routing).tolist()]
                 if self.timing.enabled:
                     timed_ctx = replace(ctx, generator=generator(c.device, c.seed, ROUTER_STREAM))
                     row.update(_time_phases(router, inputs, timed_ctx, routing, self.timing, c.device))
             router.update_state(state, routing)
         row.update(_mean_metrics(per_batch))
         key = {"run_id": row.get("run_id"), "case_id": row["case_id"], "router": row["router"]}
-        return [{**key, "batch": b, **m} for b, m in enumerate(per_batch)]
+        return [{**key, "batch": b, **m} for b, m in enumerate(per_batch)], {**key, "batch": 0, "loads": first_loads}
 
 
 def _where(exc: BaseException) -> str:

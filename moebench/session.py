@@ -13,6 +13,7 @@ from moebench import __version__
 from moebench.case import Case, Suite
 from moebench.environment import capture_environment
 from moebench.errors import MoebenchError
+from moebench.reference import reference_meta
 from moebench.results import RunDir, load_run, new_run_id, suite_yaml_copy, utc_now
 from moebench.runner import CaseRunner, cuda_available, quick_case, quick_timing
 
@@ -108,17 +109,21 @@ def execute(
     cases = plan_cases(suite, options.device, options.quick)
     run = open_run(suite, options, cases)
     on_open(run)
+    if "reference" not in run.meta():
+        run.update_meta(**reference_meta(cases, suite.timing.threads))
     done = run.finished_keys()
     timing = quick_timing(suite.timing) if options.quick else suite.timing
     run_id = run.meta()["run_id"]
     status = "interrupted"
-    try:
+    try:  # noqa: SIM105 (the finally records how the run ended)
         for case in progress(cases, len(cases)):
             skip = {label for cid, label in done if cid == case.case_id}
             runner = CaseRunner(case, timing, {"run_id": run_id, "suite": suite.name})
             for result in runner.rows(list(suite.routers), skip):
-                run.append_row(result.row)
+                # the row goes last: it marks the router done for --resume
                 run.append_batches(result.batches)
+                run.append_loads(result.loads)
+                run.append_row(result.row)
         status = "complete"
     finally:
         run.update_meta(status=status, ended_at=utc_now())

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from moebench.metrics import PHASES, Direction, direction
-from moebench.results import RunDir, load_run
+from moebench.results import LOADS, RunDir, load_run, read_jsonl
 
 # The case axes (Case.axes() without case_id), in sort order.
 CASE_AXES = (
@@ -76,6 +76,28 @@ def load_batches(run_dirs: Iterable[RunLike]) -> pd.DataFrame:
     frames = [_with_run_id(pd.DataFrame(run.batches()), run) for run in map(_run, run_dirs)]
     frames = [f for f in frames if not f.empty]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def load_expert_loads(run_dirs: Iterable[RunLike]) -> pd.DataFrame:
+    """Per-expert loads (loads.jsonl: first batch, after capacity) of one or more runs, long:
+    one row per case x router x expert with ``run_id, case_id, router, expert, load, rank``
+    (``rank`` 0 is the most loaded expert of that case and router). Runs without the file
+    contribute nothing; with none at all the frame is empty (with those columns)."""
+    columns = ["run_id", "case_id", "router", "expert", "load", "rank"]
+    records = []
+    for run in map(_run, run_dirs):
+        run_id = run.meta().get("run_id") or run.path.name
+        for rec in read_jsonl(run.path / LOADS):
+            values = rec.get("loads")
+            if not isinstance(values, list) or not values:
+                continue
+            loads = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").to_numpy(float)
+            order = np.argsort(-loads, kind="stable")
+            rank = np.empty(len(loads), dtype=int)
+            rank[order] = np.arange(len(loads))
+            base = (rec.get("run_id") or run_id, rec.get("case_id"), rec.get("router"))
+            records += [(*base, e, loads[e], int(rank[e])) for e in range(len(loads))]
+    return pd.DataFrame.from_records(records, columns=columns)
 
 
 def _with_run_id(frame: pd.DataFrame, run: RunDir) -> pd.DataFrame:
