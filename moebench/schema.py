@@ -121,7 +121,12 @@ def suite_json_schema() -> dict:
             "description": {"type": "string"},
             "include": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
             "defaults": {"type": "object", "additionalProperties": False, "properties": axes},
-            "grid": {"type": "object", "additionalProperties": False, "properties": grid},
+            "grid": {
+                "anyOf": [
+                    {"$ref": "#/$defs/grid"},
+                    {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/grid"}, "description": "a union of grids"},
+                ]
+            },
             "routers": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/router"}},
             "timing": {
                 "type": "object",
@@ -132,5 +137,9 @@ def suite_json_schema() -> dict:
         # a file that includes others may leave required fields to them
         "if": {"required": ["include"]},
         "else": complete,
-        "$defs": {"workload": named_schema(WORKLOADS), "router": named_schema(ROUTERS)},
+        "$defs": {
+            "workload": named_schema(WORKLOADS),
+            "router": named_schema(ROUTERS),
+            "grid": {"type": "object", "additionalProperties": False, "properties": grid},
+        },
     }

@@ -392,16 +392,32 @@ class _Validator:
         return out
 
     def cases(self, doc: dict) -> tuple[Case, ...]:
+        """The expanded grid. ``grid`` is one mapping of axes, or a list of them (a union of
+        grids, e.g. tokens swept at one E and E swept at one T); repeated cases appear once."""
         defaults = self.mapping(doc.get("defaults", {}), "defaults", AXES)
-        grid = self.mapping(doc.get("grid", {}), "grid", AXES)
         given = {a: self.axis_values(v, f"defaults.{a}", AXES[a], listable=False) for a, v in defaults.items()}
-        given.update({a: self.axis_values(v, f"grid.{a}", AXES[a], listable=True) for a, v in grid.items()})
+        grid = doc.get("grid", {})
+        if isinstance(grid, list):
+            if not grid:
+                self.fail("grid", "empty list: give at least one grid")
+            parts = [self.grid_cases(g, f"grid[{i}]", given) for i, g in enumerate(grid)]
+        else:
+            parts = [self.grid_cases(grid, "grid", given)]
+        unique = {c.case_id: c for part in parts for c in part}
+        if len(unique) > MAX_CASES:
+            self.fail("grid", f"expands to {len(unique)} cases; at most {MAX_CASES} are allowed")
+        return tuple(unique.values())
+
+    def grid_cases(self, grid: Any, field: str, defaults: dict) -> list[Case]:
+        grid = self.mapping(grid, field, AXES)
+        given = dict(defaults)
+        given.update({a: self.axis_values(v, f"{field}.{a}", AXES[a], listable=True) for a, v in grid.items()})
         axes: dict[str, list[tuple[Any, str]]] = {}
         for axis, rule in AXES.items():
             if axis in given:
                 axes[axis] = given[axis]
             elif rule.required:
-                self.fail(f"grid.{axis}", f"missing required axis {axis!r} (give it in grid or defaults)")
+                self.fail(f"{field}.{axis}", f"missing required axis {axis!r} (give it in grid or defaults)")
             else:
                 axes[axis] = [(rule.default, "")]
         for k, k_field in axes["top_k"]:
@@ -410,11 +426,11 @@ class _Validator:
                     self.fail(k_field, f"expected an integer <= experts ({e}, from {e_field}), got {k}")
         count = math.prod(len(v) for v in axes.values())
         if count > MAX_CASES:
-            self.fail("grid", f"expands to {count} cases; at most {MAX_CASES} are allowed")
+            self.fail(field, f"expands to {count} cases; at most {MAX_CASES} are allowed")
         names = list(AXES)
-        return tuple(
+        return [
             Case(**{n: v for n, (v, _) in zip(names, combo)}) for combo in itertools.product(*(axes[n] for n in names))
-        )
+        ]
 
     def timing(self, value: Any) -> TimingSpec:
         given = self.mapping(value, "timing", TIMING)

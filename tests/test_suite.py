@@ -288,7 +288,8 @@ BAD = [
     ("empty-grid-list", _grid(seed=[]), "grid.seed", "empty list: give at least one value", True),
     ("list-in-defaults", _set("defaults", seed=[1, 2]), "defaults.seed", "lists of values belong in grid", True),
     ("duplicate-grid-value", _grid(tokens=[64, 64]), "grid.tokens[1]", "duplicate value 64 (also grid.tokens[0])", False),
-    ("grid-not-a-mapping", lambda d: d.update(grid=[1, 2]), "grid", "expected a mapping, got [1, 2]", True),
+    ("grid-not-a-mapping", lambda d: d.update(grid=7), "grid", "expected a mapping, got 7", True),
+    ("grid-list-item-not-a-mapping", lambda d: d.update(grid=[1, 2]), "grid[0]", "expected a mapping, got 1", True),
     ("timing-min-rounds-0", _set("timing", min_rounds=0), "timing.min_rounds", "expected an integer >= 1, got 0", True),
     ("timing-max-below-min", _set("timing", max_rounds=1), "timing.max_rounds",
      "expected an integer >= min_rounds (2), got 1", False),
@@ -357,7 +358,7 @@ def test_schema_has_enums_and_typed_params():
     assert props["renormalize"] == {"type": "boolean", "default": False}
     assert props["score"]["enum"] == ["softmax", "sigmoid"]
     assert props["route_scale"]["type"] == "number"
-    assert schema["properties"]["grid"]["properties"]["dtype"]["anyOf"][0] == {"enum": ["float32", "bfloat16", "float16"]}
+    assert schema["$defs"]["grid"]["properties"]["dtype"]["anyOf"][0] == {"enum": ["float32", "bfloat16", "float16"]}
 
 
 # --- property: any grid drawn from the valid ranges loads and validates against the schema --------
