@@ -119,7 +119,6 @@ def test_resume_refuses_another_suite(tmp_path, capsys):
     assert "different version of suite" in capsys.readouterr().err
 
 
-@WORKLOADS.register("nan_for_tests")
 @dataclass(frozen=True)
 class NanLogits(Uniform):
     """A workload whose logits are NaN: the runner must record an error row and go on."""
@@ -129,7 +128,16 @@ class NanLogits(Uniform):
         return RouteInputs(logits=inputs.logits * math.nan, hidden=inputs.hidden)
 
 
-def test_nan_logits_give_error_rows_and_the_run_goes_on(tmp_path):
+@pytest.fixture
+def nan_workload():
+    """Registered only for the test that needs it (the registry is global)."""
+    WORKLOADS.classes()
+    WORKLOADS.register("nan_for_tests")(NanLogits)
+    yield
+    del WORKLOADS._classes["nan_for_tests"]
+
+
+def test_nan_logits_give_error_rows_and_the_run_goes_on(tmp_path, nan_workload):
     text = TINY.replace("workload: [uniform, {{name: zipf, params: {{s: 1.5}}}}]", "workload: [nan_for_tests, uniform]")
     suite = load_suite(write_suite(tmp_path, text=text))
     rows = execute(suite, RunOptions(results_root=tmp_path / "r")).rows()
