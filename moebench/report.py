@@ -1,9 +1,10 @@
-"""Reports: reports/<suite>/<run-id>/report.md plus one CSV per table.
+"""Reports: reports/<suite>/<run-id>/report.md, report.html, one CSV per table, plots/*.png.
 
 A report is a list of sections. Each section is a function ``(ReportData, out_dir) -> str |
-None`` returning Markdown (None leaves it out); it may also write files next to report.md, so
-plots can be added later as one more section in :data:`SECTIONS` without touching the rest.
-Nothing is printed: :func:`write_report` returns the path of report.md.
+None`` returning Markdown (None leaves it out); it may also write files next to report.md (the
+plots section writes ``plots/*.png``). report.html is the same Markdown rendered by
+:mod:`moebench.html_report`, self-contained (images inlined). Nothing is printed:
+:func:`write_report` returns the path of report.md.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Callable, Sequence
 import pandas as pd
 
 from moebench import tables
+from moebench.html_report import write_html
 from moebench.results import RunDir, load_run
 
 REPORT = "report.md"
@@ -23,12 +25,15 @@ REPORT = "report.md"
 @dataclass
 class ReportData:
     """Everything a section may use: the runs (folder and meta), all rows, all batch records,
-    and the tables built from them (name -> DataFrame; the name is also the CSV's stem)."""
+    the tables built from them (name -> DataFrame; the name is also the CSV's stem) and the
+    per-expert loads (long, see :func:`moebench.tables.load_expert_loads`; empty when the runs
+    have no loads.jsonl)."""
 
     runs: list[tuple[RunDir, dict]]
     rows: pd.DataFrame
     batches: pd.DataFrame
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    loads: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def combined(self) -> bool:
@@ -52,7 +57,7 @@ def build_data(run_dirs: Sequence[str | Path | RunDir]) -> ReportData:
     dirs = [run for run, _ in runs]
     rows = tables.load_rows(dirs)
     batches = tables.load_batches(dirs)
-    data = ReportData(runs, rows, batches)
+    data = ReportData(runs, rows, batches, loads=tables.load_expert_loads(dirs))
     data.tables = {
         "balance": tables.balance_table(rows),
         "drops": tables.drops_table(rows),
@@ -195,6 +200,33 @@ def table_section(name: str, title: str, note: str = "") -> Section:
 
 
 OPTIONAL_TABLES = ("streams", "skipped")
+PLOTS_DIR = "plots"
+
+
+def _plots(data: ReportData, out_dir: Path) -> str | None:
+    """Every plot the data allow (see :mod:`moebench.plots`) as ``plots/*.png``, embedded;
+    PNGs of an earlier report of the same runs are removed first. None when nothing applies."""
+    from moebench import plots  # matplotlib/seaborn only when a report draws
+
+    plot_dir = out_dir / PLOTS_DIR
+    for stale in plot_dir.glob("*.png") if plot_dir.is_dir() else ():
+        stale.unlink()
+    drawn = plots.write_plots(data.rows, data.batches, data.loads, plot_dir)
+    if not drawn:
+        return None
+    devices = data.rows["device"].nunique() if "device" in data.rows.columns else 1
+    body = ["## Plots", "", "Router colours are the same in every figure."
+            + (" Line styles tell the devices/runs apart." if data.combined or devices > 1 else "")]
+    previous = None
+    for plot in drawn:
+        rel = plot.path.relative_to(out_dir).as_posix()
+        alt = plot.title.replace("[", "(").replace("]", ")")
+        body += ["", f"### {plot.title}", "", f"![{alt}]({rel})"]
+        if plot.caption and plot.caption != previous:  # said once for a series of figures
+            body += ["", plot.caption]
+        previous = plot.caption
+    return "\n".join(body)
+
 
 SECTIONS: list[Section] = [
     _title,
@@ -208,6 +240,7 @@ SECTIONS: list[Section] = [
                   "(where measurable). Timed on the first batch."),
     table_section("streams", "Streams",
                   "Per-batch trajectories over each stream: first, last, mean and worst batch."),
+    _plots,
     table_section("skipped", "Skipped and failed rows"),
 ]
 
@@ -229,7 +262,8 @@ def write_tables(data: ReportData, out_dir: Path) -> list[Path]:
 
 def write_report(run_dirs: list[Path], reports_root: Path = Path("reports"),
                  sections: Sequence[Section] | None = None) -> Path:
-    """Write report.md and the CSVs of one run (or several, combined); return report.md's path.
+    """Write report.md, report.html and the CSVs (and plots) of one run (or several, combined);
+    return report.md's path.
 
     Goes to ``reports_root/<suite>/<run-id>/`` (several runs:
     ``reports_root/<suite>/combined-<id1>+<id2>/``). ``sections`` defaults to :data:`SECTIONS`.
@@ -241,5 +275,7 @@ def write_report(run_dirs: list[Path], reports_root: Path = Path("reports"),
     parts = [text for section in (SECTIONS if sections is None else sections)
              if (text := section(data, out_dir))]
     path = out_dir / REPORT
-    path.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+    markdown = "\n\n".join(parts) + "\n"
+    path.write_text(markdown, encoding="utf-8")
+    write_html(markdown, out_dir)
     return path
