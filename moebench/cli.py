@@ -103,6 +103,35 @@ def _cmd_schema(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    from moebench.compare import NoiseRule, compare_runs, format_text, parse_threshold
+
+    noise = NoiseRule(
+        threshold=parse_threshold(args.threshold.rstrip("%") + "%", "--threshold")[0]
+        if args.threshold else NoiseRule.threshold,
+        min_diff_ms=NoiseRule.min_diff_ms if args.min_diff_ms is None else args.min_diff_ms,
+        consistency=NoiseRule.consistency if args.consistency is None else args.consistency,
+    )
+    mode = "absolute" if args.absolute else "relative" if args.relative else "auto"
+    result = compare_runs(args.a, args.b, fail_on=args.fail_on, metrics=args.metrics, mode=mode, noise=noise)
+    sys.stdout.write(format_text(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+        print(f"comparison: {args.json}")
+    return result.exit_code
+
+
+def _cmd_export(args) -> int:
+    from moebench.export import export_run
+
+    text, count = export_run(args.run, args.format, args.out)
+    if args.out:
+        print(f"{args.format}: {args.out} ({count} {'rows' if args.format == 'baseline' else 'benchmarks'})")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moebench", description="Benchmark Mixture-of-Experts routers.")
     parser.add_argument("--version", action="version", version=f"moebench {__version__}")
@@ -129,6 +158,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list", help="list routers, workloads and drop policies")
     lst.set_defaults(fn=_cmd_list)
+
+    cmp = sub.add_parser("compare", help="compare a candidate run B against a reference A (exit 1 on regression)")
+    cmp.add_argument("a", metavar="A", help="reference: run folder, results/<suite> (its latest run) or baseline file")
+    cmp.add_argument("b", metavar="B", help="candidate: run folder, results/<suite> (its latest run) or baseline file")
+    cmp.add_argument("--fail-on", action="append", default=[], metavar="METRIC:THRESHOLD",
+                     help="gate on METRIC worse by more than THRESHOLD (10%%: relative, 0.5: absolute); repeatable")
+    cmp.add_argument("--metrics", choices=("deterministic", "time", "all"), default="all",
+                     help="which metrics to compare (default: all)")
+    scale = cmp.add_mutually_exclusive_group()
+    scale.add_argument("--absolute", action="store_true", help="compare raw times even across machines")
+    scale.add_argument("--relative", action="store_true", help="compare times relative to the reference kernel")
+    cmp.add_argument("--threshold", metavar="PCT", help="noise rule: percent change a median must exceed (default 10)")
+    cmp.add_argument("--min-diff-ms", type=float, metavar="MS",
+                     help="noise rule: absolute change a median must exceed (default 0.01)")
+    cmp.add_argument("--consistency", type=float, metavar="SHARE",
+                     help="noise rule: share of a router's cases that must agree (default 0.667; 0: judge each row alone)")
+    cmp.add_argument("--json", metavar="FILE", help="write the full per-row, per-metric comparison")
+    cmp.set_defaults(fn=_cmd_compare)
+
+    export = sub.add_parser("export", help="export a run as a baseline or pytest-benchmark JSON")
+    export.add_argument("run", metavar="RUN_DIR")
+    export.add_argument("--format", choices=("baseline", "pytest-benchmark"), default="baseline")
+    export.add_argument("--out", metavar="FILE", help="write here (default: stdout)")
+    export.set_defaults(fn=_cmd_export)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of suite files")
     schema.add_argument("--out", help="write it to this file")

@@ -60,6 +60,9 @@ _PHASE_FIELDS = [
     Metric("ci_low_ms", "lower", False, "lower end of the 95% CI of the median"),
     Metric("ci_high_ms", "lower", False, "upper end of the 95% CI of the median"),
     Metric("rounds", "none", False, "timed calls"),
+    Metric("q1_ms", "lower", False, "25th percentile of the call times"),
+    Metric("q3_ms", "lower", False, "75th percentile of the call times"),
+    Metric("stdev_ms", "lower", False, "sample standard deviation of the call times"),
     Metric("tokens_per_s", "higher", False, "tokens / median time"),
     Metric("peak_mem_bytes", "lower", False, "extra peak memory of one call (where measurable)"),
 ]

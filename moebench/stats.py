@@ -38,7 +38,7 @@ class Stats:
     confidence: float
 
     def as_row(self, prefix: str) -> dict:
-        """Flat row columns ``{prefix}.median_ms`` ... ``{prefix}.rounds`` (e.g. prefix "route")."""
+        """Flat row columns ``{prefix}.median_ms`` ... ``{prefix}.stdev_ms`` (e.g. prefix "route")."""
         return {
             f"{prefix}.median_ms": self.median,
             f"{prefix}.mean_ms": self.mean,
@@ -48,6 +48,9 @@ class Stats:
             f"{prefix}.ci_low_ms": self.ci_low,
             f"{prefix}.ci_high_ms": self.ci_high,
             f"{prefix}.rounds": self.rounds,
+            f"{prefix}.q1_ms": self.q1,
+            f"{prefix}.q3_ms": self.q3,
+            f"{prefix}.stdev_ms": self.stdev,
         }
 
 

@@ -75,6 +75,9 @@ def test_as_row_keys_and_values():
         "route.ci_low_ms": 1.0,
         "route.ci_high_ms": 5.0,
         "route.rounds": 5,
+        "route.q1_ms": 2.0,
+        "route.q3_ms": 4.0,
+        "route.stdev_ms": pytest.approx(1.5811388300841898),
     }
 
 

@@ -1,0 +1,307 @@
+"""`moebench compare`: verdicts and exit codes on hand-made runs, and injected regressions caught
+end to end on real (quick) runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from moebench.cli import main
+from moebench.compare import Comparison, Gate, NoiseRule, compare_runs, load_side, parse_gate
+from moebench.errors import MoebenchError
+from moebench.routers.registry import register
+from moebench.routers.token_choice import TopK
+
+RUNS = Path(__file__).resolve().parent / "fixtures" / "runs"
+UNIFORM = "uniform-T1024-E8-k1-cf1.25-position-float32-cpu-s0-0a1b2c3d"
+ZIPF = "zipf-T1024-E8-k1-cf1.25-position-float32-cpu-s0-4e5f6a7b"
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    code = main(["compare", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run(name: str) -> Path:
+    return RUNS / name
+
+
+def lines(out: str, tag: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith(tag + " ")]
+
+
+# ----------------------------------------------------------------------------- fixture runs
+
+
+def test_identical_runs_pass(capsys):
+    code, out, _ = cli(capsys, run("base"), run("same"))
+    assert code == 0
+    assert out.splitlines()[0].startswith("4 rows compared, 0 regressions, 0 improvements")
+    assert not lines(out, "REGRESSION") and not lines(out, "IMPROVEMENT")
+
+
+def test_deterministic_metric_worse_fails_and_is_listed(capsys):
+    code, out, _ = cli(capsys, run("base"), run("det_worse"))
+    assert code == 1
+    assert "2 regressions" in out.splitlines()[0]
+    assert f"REGRESSION {ZIPF} topk drop_rate: 0.1 -> 0.15 (+50.0%)" in out
+    assert f"REGRESSION {ZIPF} topk imbalance: 1.5 -> 1.6 (+6.7%)" in out
+
+
+def test_improvements_pass_and_are_listed(capsys):
+    code, out, _ = cli(capsys, run("base"), run("improved"))
+    assert code == 0
+    improved = lines(out, "IMPROVEMENT")
+    assert f"IMPROVEMENT {UNIFORM} switch imbalance: 1.1 -> 1.05 (-4.5%)" in improved
+    assert sum("switch route.median_ms" in line for line in improved) == 2
+    assert "0 regressions, 3 improvements" in out.splitlines()[0]
+
+
+def test_time_slower_with_separate_cis_fails(capsys):
+    code, out, _ = cli(capsys, run("base"), run("slow_apart"))
+    assert code == 1
+    regressed = lines(out, "REGRESSION")
+    assert len(regressed) == 4 and all("route.median_ms" in line and "(+30.0%)" in line for line in regressed)
+    assert f"REGRESSION {UNIFORM} switch route.median_ms: 1 -> 1.3 (+30.0%)" in regressed
+
+
+def test_time_slower_with_overlapping_cis_passes(capsys):
+    code, out, _ = cli(capsys, run("base"), run("slow_overlap"))
+    assert code == 0 and not lines(out, "REGRESSION")
+    c = compare_runs(run("base"), run("slow_overlap"))
+    details = {v.detail for r in c.rows for v in r.verdicts if v.metric == "route.median_ms"}
+    assert details == {"95% CIs overlap"}
+
+
+def test_one_slow_case_of_two_is_noise_unless_consistency_is_off(capsys):
+    code, out, _ = cli(capsys, run("base"), run("one_slow"))
+    assert code == 0
+    code, out, _ = cli(capsys, run("base"), run("one_slow"), "--consistency", "0")
+    assert code == 1 and lines(out, "REGRESSION") == [
+        f"REGRESSION {ZIPF} topk route.median_ms: 1.1 -> 1.43 (+30.0%)"
+    ]
+
+
+def test_noise_rule_threshold_and_min_difference(capsys):
+    assert cli(capsys, run("base"), run("slow_apart"), "--threshold", "40")[0] == 0
+    assert cli(capsys, run("base"), run("slow_apart"), "--threshold", "20%")[0] == 1
+    assert cli(capsys, run("base"), run("slow_apart"), "--min-diff-ms", "0.5")[0] == 0
+
+
+def test_no_matched_rows_is_exit_2(capsys):
+    code, out, _ = cli(capsys, run("base"), run("disjoint"))
+    assert code == 2
+    assert out.splitlines()[0].startswith("0 rows compared") and "4 rows only in A, 4 only in B" in out
+    assert "nothing compared" in out
+
+
+@pytest.mark.parametrize(
+    "gate, expected",
+    [
+        ("drop_rate:0", 1),  # worse by more than 0 absolute
+        ("drop_rate:0.04", 1),  # worse by 0.05
+        ("drop_rate:0.06", 0),
+        ("drop_rate:49%", 1),  # worse by 50%
+        ("drop_rate:60%", 0),
+        ("imbalance:1%", 1),  # worse by 6.7%
+        ("imbalance:10%", 0),
+        ("cv:0", 0),  # only the gated metric can fail
+    ],
+)
+def test_fail_on_thresholds_on_deterministic_metrics(capsys, gate, expected):
+    code, out, _ = cli(capsys, run("base"), run("det_worse"), "--fail-on", gate)
+    assert code == expected
+    if expected == 0:  # the ungated worsening is still reported
+        assert lines(out, "WORSE (not gating)")
+
+
+@pytest.mark.parametrize(
+    "gate, expected",
+    [("route.median_ms:20%", 1), ("route.median_ms:35%", 0), ("route.median_ms:0.2", 1), ("route.median_ms:0.5", 0)],
+)
+def test_fail_on_thresholds_on_times(capsys, gate, expected):
+    assert cli(capsys, run("base"), run("slow_apart"), "--fail-on", gate)[0] == expected
+
+
+def test_fail_on_several_gates_and_time_gate_keeps_ci_rule(capsys):
+    code, out, _ = cli(capsys, run("base"), run("det_worse"), "--fail-on", "imbalance:10%", "--fail-on", "drop_rate:0")
+    assert code == 1 and len(lines(out, "REGRESSION")) == 1
+    assert cli(capsys, run("base"), run("slow_overlap"), "--fail-on", "route.median_ms:1%")[0] == 0
+
+
+def test_unknown_fail_on_metric_is_exit_2_with_did_you_mean(capsys):
+    code, _, err = cli(capsys, run("base"), run("same"), "--fail-on", "drop_rat:0")
+    assert code == 2 and "did you mean 'drop_rate'" in err
+    code, _, err = cli(capsys, run("base"), run("same"), "--fail-on", "route.median:10%")
+    assert code == 2 and "did you mean 'route.median_ms'" in err
+    assert cli(capsys, run("base"), run("same"), "--fail-on", "drop_rate:lots")[0] == 2
+    assert cli(capsys, run("base"), run("same"), "--fail-on", "drop_rate")[0] == 2
+
+
+def test_metrics_selection(capsys):
+    assert cli(capsys, run("base"), run("slow_apart"), "--metrics", "deterministic")[0] == 0
+    assert cli(capsys, run("base"), run("det_worse"), "--metrics", "time")[0] == 0
+    code, _, err = cli(capsys, run("base"), run("same"), "--metrics", "deterministic", "--fail-on", "route.median_ms:5%")
+    assert code == 2 and "not among the compared metrics" in err
+    c = compare_runs(run("base"), run("same"), metrics="deterministic")
+    assert all(not v.metric.endswith("_ms") for r in c.rows for v in r.verdicts)
+
+
+def test_cross_machine_times_are_relative_to_the_reference_kernel(capsys):
+    code, out, _ = cli(capsys, run("base"), run("machine_b"))  # 2x slower machine, 2x slower routes
+    assert code == 0 and "times: relative" in out and "relative to the reference kernel 'fixture-kernel'" in out
+    code, out, _ = cli(capsys, run("base"), run("machine_b"), "--absolute", "--consistency", "0")
+    assert code == 1 and "times: absolute" in out
+    code, out, _ = cli(capsys, run("base"), run("machine_b"), "--absolute")  # all 2x: nothing stands out
+    assert code == 0 and "12 of 12 medians are slower in B" in out
+    code, out, _ = cli(capsys, run("base"), run("machine_b_slow"))  # routes 1.5x beyond the machine
+    assert code == 1 and len(lines(out, "REGRESSION")) == 4
+    assert all("route.median_ms" in line and "(+50.0%)" in line for line in lines(out, "REGRESSION"))
+
+
+def test_a_busier_machine_is_not_a_regression(capsys):
+    code, out, _ = cli(capsys, run("base"), run("busy"))  # every time 1.4x: nothing stands out
+    assert code == 0 and "cpu: 12 of 12 medians are slower in B" in out
+    assert cli(capsys, run("base"), run("busy"), "--consistency", "0")[0] == 1
+
+
+def test_relative_needs_reference_times():
+    meta, rows = load_side(run("base"))
+    bare = ({k: v for k, v in meta.items() if k != "reference"}, rows)
+    assert compare_runs(run("base"), run("same"), mode="relative").mode == "relative"
+    with pytest.raises(MoebenchError, match="reference"):
+        compare_runs(bare, (meta, rows), mode="relative")
+    other = dict(meta, environment=dict(meta["environment"], hostname="elsewhere"))
+    c = compare_runs(bare, (other, rows))  # machines differ, no reference: raw, with a note
+    assert c.mode == "absolute" and any("different machines" in n for n in c.notes)
+
+
+def test_row_that_now_errors_is_a_regression():
+    meta, rows = load_side(run("base"))
+    broken = [dict(r, status="error", reason="RuntimeError: boom") if r["router"] == "topk" else r for r in rows]
+    c = compare_runs((meta, rows), (meta, broken))
+    assert c.exit_code == 1 and c.matched == 2 and len(c.failing) == 2
+    assert {(v.metric, v.a, v.b) for v in c.regressions} == {("status", "ok", "error")}
+
+
+def test_json_output_has_every_row_and_metric(capsys, tmp_path):
+    out_file = tmp_path / "cmp.json"
+    code, out, _ = cli(capsys, run("base"), run("det_worse"), "--json", out_file)
+    data = json.loads(out_file.read_text())
+    assert code == data["exit_code"] == 1 and data["matched"] == 4 and data["regressions"] == 2
+    row = next(r for r in data["rows"] if r["case_id"] == ZIPF and r["router"] == "topk")
+    assert row["metrics"]["drop_rate"]["verdict"] == "worse" and row["metrics"]["drop_rate"]["regression"]
+    assert row["metrics"]["route.median_ms"]["verdict"] == "unchanged"
+    assert row["metrics"]["route.iqr_ms"]["verdict"] == "info"
+    assert data["noise_rule"] == {"threshold": 0.1, "min_diff_ms": 0.01, "consistency": 2 / 3, "margin": 0.5}
+
+
+def test_baseline_file_and_suite_folder_as_sides(capsys, tmp_path):
+    baseline = tmp_path / "baseline" / "fixture.json"
+    assert main(["export", str(run("base")), "--format", "baseline", "--out", str(baseline)]) == 0
+    capsys.readouterr()
+    assert cli(capsys, baseline, run("same"))[0] == 0
+    assert cli(capsys, baseline, run("det_worse"), "--metrics", "deterministic")[0] == 1
+    suite_dir = tmp_path / "results" / "fixture"
+    shutil.copytree(run("base"), suite_dir / "20260101T000000Z-0000")
+    shutil.copytree(run("det_worse"), suite_dir / "20260102T000000Z-0000")  # the latest
+    assert load_side(suite_dir) == load_side(run("det_worse"))
+
+
+def test_load_side_errors(tmp_path):
+    with pytest.raises(MoebenchError, match="no such run folder"):
+        load_side(tmp_path / "missing")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(MoebenchError, match="not a baseline file"):
+        load_side(bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(MoebenchError, match="not a baseline file"):
+        load_side(bad)
+    with pytest.raises(MoebenchError, match="holds no runs"):
+        load_side(tmp_path)
+
+
+def test_public_api():
+    c = compare_runs(run("base"), run("det_worse"), fail_on=["drop_rate:0", Gate("imbalance", 0.5, True)])
+    assert isinstance(c, Comparison) and c.exit_code == 1 and c.matched == 4
+    assert [v.metric for v in c.regressions] == ["drop_rate"]
+    assert c.unmatched == {"only_in_a": 0, "only_in_b": 0}
+    assert parse_gate("route.median_ms:10%") == Gate("route.median_ms", 0.10, True)
+    assert parse_gate("drop_rate:0") == Gate("drop_rate", 0.0, False)
+    assert NoiseRule().threshold == 0.10
+
+
+# ------------------------------------------------------------------ injected regressions, end to end
+
+SLOW_MS = 50.0  # far above what a busy 2-core machine adds to a 0.1 ms top-k
+
+
+@register("slow_topk_for_tests")
+@dataclass(frozen=True)
+class SlowTopK(TopK):
+    """top-k that sleeps before routing: an injected speed regression with identical routing."""
+
+    def route(self, inputs, ctx):
+        time.sleep(SLOW_MS / 1e3)
+        return super().route(inputs, ctx)
+
+
+SUITE = """
+name: {name}
+version: 1
+grid:
+  workload: {workload}
+  tokens: {tokens}
+  experts: {experts}
+  top_k: {top_k}
+  capacity_factor: 1.0
+routers: [{{name: {router}, label: r}}]
+timing: {{warmup_rounds: 1, min_rounds: 3, max_rounds: 5, min_time_s: 0.0, threads: 1, enabled: {timed}}}
+"""
+
+
+def execute_suite(tmp_path: Path, name: str, **fields) -> Path:
+    from moebench.session import RunOptions, execute
+    from moebench.suite import load_suite
+
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(SUITE.format(name=name, **fields))
+    return execute(load_suite(path), RunOptions(results_root=tmp_path / "results", quick=True)).path
+
+
+def test_injected_slow_router_is_caught(tmp_path, capsys):
+    fields = dict(workload="[uniform, {name: zipf, params: {s: 1.2}}, hot_experts]", tokens=256, experts="[4, 8]",
+                  top_k=1, timed="true")
+    a = execute_suite(tmp_path, "speed", router="topk", **fields)
+    b = execute_suite(tmp_path, "speed", router="slow_topk_for_tests", **fields)
+    code, out, _ = cli(capsys, a, b)
+    assert code == 1, out
+    regressed = lines(out, "REGRESSION")
+    assert sum(" r route.median_ms" in line for line in regressed) >= 4  # of 6 cases (consistency: 2/3)
+    assert all(".median_ms" in line for line in regressed)  # routing itself is the same
+    assert cli(capsys, a, b, "--metrics", "deterministic")[0] == 0  # same routing
+
+
+def test_injected_drop_policy_change_is_caught(tmp_path, monkeypatch, capsys):
+    import moebench.drop_policies as drop_policies
+    import moebench.routers.base as base
+
+    # on this workload ranking drops by score leaves more tokens with no expert at all
+    fields = dict(workload="{name: hot_experts, params: {hot: 2, fraction: 0.5}}", tokens=512, experts=8, top_k=2,
+                  router="topk", timed="false")
+    a = execute_suite(tmp_path, "drops", **fields)
+    # 'position' now ranks like 'probs' (and fast paths that bypass the table are off)
+    monkeypatch.setitem(drop_policies.DROP_POLICIES, "position", drop_policies.probs_priority)
+    monkeypatch.setattr(base, "_FAST_KEEP", {}, raising=False)
+    b = execute_suite(tmp_path, "drops", **fields)
+    code, out, _ = cli(capsys, a, b, "--metrics", "deterministic")
+    assert code == 1, out
+    assert any(" r token_drop_rate:" in line for line in lines(out, "REGRESSION"))
+    assert any(" r router_confidence:" in line for line in lines(out, "CHANGED"))
