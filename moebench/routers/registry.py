@@ -21,6 +21,7 @@ ENTRY_POINT_GROUP = "moebench.routers"
 
 def _load() -> None:
     import moebench.routers.catalog  # noqa: F401  (registers the built-in routers)
+    import moebench.peers  # noqa: F401  (peer adapters: peer:*; their libraries load on first route)
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
