@@ -101,15 +101,15 @@ def render() -> str:
         "",
     ]
     for name, cls in ROUTERS.classes().items():
-        if name.startswith("peer:"):
-            continue
+        if not cls.__module__.startswith("moebench.routers."):
+            continue  # peers (docs/peers.md), plugins and test doubles are documented elsewhere
         what, metrics = NOTES.get(name, ("(no notes: a plugin router)", ""))
         out += [f"## `{name}`", "", f"Paper: {cls.paper or 'n/a'}", "", what, "", f"Options: {_options(cls)}.", ""]
         if metrics:
             out += [f"Metrics: {metrics}", ""]
     out += ["# Workloads", ""]
     for name, cls in WORKLOADS.classes().items():
-        if name.endswith("_for_tests"):
+        if not cls.__module__.startswith("moebench."):
             continue
         out += [f"- `{name}`: {(cls.__doc__ or '').strip().splitlines()[0]} Options: {_options(cls)}."]
     out += ["", "# Metrics", "", "| metric | better | meaning |", "|---|---|---|"]

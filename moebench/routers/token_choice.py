@@ -56,14 +56,14 @@ class TopK(TokenChoiceRouter):
     def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:
         logits = inputs.logits.float()
         scores = _score(logits, self.score)
-        expert = torch.topk(self.selection_scores(scores, ctx), ctx.top_k, dim=-1).indices
+        expert, weight = self.choose(scores, ctx.top_k, ctx)
         if self.softmax_after_topk:
             weight = torch.softmax(logits.gather(1, expert), dim=-1)
-        else:
-            weight = scores.gather(1, expert)
         if self.renormalize:
             weight = weight / weight.sum(-1, keepdim=True).clamp_min(1e-20)
-        return self.finish(expert, weight * self.route_scale, _as_probs(scores, self.score), logits, ctx)
+        if self.route_scale != 1.0:
+            weight = weight * self.route_scale
+        return self.finish(expert, weight, _as_probs(scores, self.score), logits, ctx)
 
 
 @register("switch")
@@ -77,8 +77,8 @@ class Switch(TokenChoiceRouter):
     def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:
         logits = inputs.logits.float()
         probs = torch.softmax(logits, dim=-1)
-        top = torch.topk(self.selection_scores(probs, ctx), 1, dim=-1).indices
-        return self.finish(top, probs.gather(1, top), probs, logits, ctx)
+        top, weight = self.choose(probs, 1, ctx)
+        return self.finish(top, weight, probs, logits, ctx)
 
 
 @register("noisy_topk")
@@ -87,11 +87,13 @@ class NoisyTopK(TokenChoiceRouter):
     """Shazeer et al. 2017: H = x + eps * sigma, keep the top-k of H, weights = softmax of the kept H.
 
     noise_std: sigma when there is no noise gate.
-    noise_gate: sigma = softplus(h · W_noise) with a seeded W_noise ~ N(0, 1/d) (needs hidden).
+    noise_gate: sigma = softplus(h · W_noise) with W_noise ~ N(0, 1/d) drawn once from
+        `noise_seed` (fixed across a stream, like a trained parameter; needs hidden).
     """
 
     noise_std: float = 1.0
     noise_gate: bool = False
+    noise_seed: int = 0
 
     paper = "Shazeer et al. 2017, Outrageously Large Neural Networks"
 
@@ -102,14 +104,22 @@ class NoisyTopK(TokenChoiceRouter):
     def check(self) -> str | None:
         return None if self.noise_std >= 0 else f"noise_std must be >= 0, got {self.noise_std}"
 
+    def _noise_weights(self, d: int, e: int, device, ctx: RouteContext) -> torch.Tensor:
+        """<float32>[d, E]: W_noise, drawn on CPU from `noise_seed` once per stream (cached in state)."""
+        cache = ctx.state.extra if ctx.state is not None else {}
+        key = ("noise_gate", d, e, str(device))
+        if key not in cache:
+            g = torch.Generator().manual_seed(self.noise_seed)
+            cache[key] = (torch.randn(d, e, generator=g) / d**0.5).to(device)
+        return cache[key]
+
     def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:
         logits = inputs.logits.float()
         t, e = logits.shape
         eps = torch.randn(t, e, generator=ctx.generator, device=logits.device)
         if self.noise_gate:
             h = inputs.hidden.float()
-            w_noise = torch.randn(h.shape[1], e, generator=ctx.generator, device=h.device) / h.shape[1] ** 0.5
-            sigma = F.softplus(h @ w_noise)
+            sigma = F.softplus(h @ self._noise_weights(h.shape[1], e, h.device, ctx))
         else:
             sigma = self.noise_std
         noisy = logits + eps * sigma

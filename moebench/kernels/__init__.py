@@ -1,0 +1,188 @@
+"""JIT-compiled CPU fast paths (numba) for token-choice routing, capacity, dispatch and combine.
+
+Each function here returns exactly what the plain-torch code it stands in for returns (same
+tensors, bit for bit); `tests/test_fast_paths.py` checks that on adversarial inputs. Which
+path runs is a router option (`impl: auto|torch|numba`, see `TokenChoiceRouter`) and an
+argument of `dispatch`/`combine`, never an environment variable.
+
+- `topk_select`: the k largest of scores (+ bias) per token, descending, ties broken by the
+  lowest expert index (the convention `moebench.routers.base.top_k_experts` gives the torch
+  path), and the scores at those experts: bias, selection and gather fused, each row of scores
+  read from memory once, parallel over blocks of tokens.
+  The scores themselves (softmax/sigmoid) come from torch: a numba exp would differ from
+  torch's vectorised one in the last ulp, which changes the weights and, at near-ties, the
+  selection; exact equality with the torch path is the contract. Routing.probs is that
+  softmax, so it costs nothing extra.
+- `keep_position`, `keep_by_score`: capacity under the `position` and `probs` drop policies,
+  O(A + blocks * E) (counting passes), instead of two sorts of the A = k*T assignments.
+- `dispatch_order`: dispatch's expert-contiguous order by a counting sort instead of nonzero +
+  a stable sort (the row copy itself stays torch's index_select: it runs at memcopy speed).
+- `combine_rows`: combine in one parallel pass over tokens, without the [N, d] temporary of
+  `rows * weight[:, None]` and without index_add_ (several times a memcopy on CPU).
+
+numba is imported on first use, so `import moebench` stays fast; kernels compile on their
+first call (cached on disk afterwards). They run on `torch.get_num_threads()` threads, so
+moebench's thread pinning applies to them too.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+
+Impl = Literal["auto", "torch", "numba"]
+IMPLS = ("auto", "torch", "numba")
+
+_numba_error: str | None = None
+_numba_mod = None
+
+
+def _load():
+    """The kernel module, or None when numba cannot be imported (the reason is kept)."""
+    global _numba_mod, _numba_error
+    if _numba_mod is None and _numba_error is None:
+        try:
+            import numba
+
+            if numba.config.THREADING_LAYER == "default":
+                # numba's own thread pool, not a second OpenMP runtime beside torch's: with
+                # both, each hand-over between a torch op and a kernel waited on the other
+                # runtime's spinning threads (route phase 10-20x slower on 2 cores). It is
+                # not meant for parallel kernels launched from several Python threads at
+                # once, which moebench never does.
+                numba.config.THREADING_LAYER = "workqueue"
+            from moebench.kernels import _numba as mod
+        except Exception as exc:  # ImportError, or numba refusing this numpy/llvm
+            _numba_error = f"{type(exc).__name__}: {exc}"
+        else:
+            _numba_mod = mod
+    return _numba_mod
+
+
+def available() -> bool:
+    """True when numba imports (the kernels themselves compile lazily)."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why numba could not be imported, or None."""
+    _load()
+    return _numba_error
+
+
+def use_numba(impl: str, *tensors: torch.Tensor, float32: bool = True) -> bool:
+    """Whether a fast path runs for these tensors under ``impl``.
+
+    auto: numba when it imports and every tensor is on the CPU (and float32 where ``float32``
+    asks it of the floating tensors); torch otherwise. torch: never. numba: always; a tensor
+    the kernels cannot take raises ValueError instead of silently running torch.
+    """
+    if impl == "torch":
+        return False
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    problem = None
+    for x in tensors:
+        if x.device.type != "cpu":
+            problem = f"numba kernels run on CPU tensors, got one on {x.device}"
+        elif float32 and x.is_floating_point() and x.dtype != torch.float32:
+            problem = f"numba kernels take float32, got {x.dtype}"
+        if problem:
+            break
+    if problem is None and not available():
+        problem = f"numba is not importable ({_numba_error})"
+    if problem is None:
+        return True
+    if impl == "numba":
+        raise ValueError(f"impl='numba': {problem}")
+    return False
+
+
+# Below this many elements a kernel runs on the calling thread alone: waking a second thread
+# costs more than it saves (and far more on a busy machine).
+PARALLEL_MIN_WORK = 1 << 17
+
+
+def _kernels(work: int):
+    """The kernel module, with numba's thread count set for ``work`` elements of work:
+    ``torch.get_num_threads()`` (so moebench's thread pinning applies), or 1 for small work."""
+    mod = _load()
+    if mod is None:
+        raise RuntimeError(f"numba is not importable ({_numba_error})")
+    import numba
+
+    threads = torch.get_num_threads() if work >= PARALLEL_MIN_WORK else 1
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    return mod
+
+
+def _np(x: torch.Tensor):
+    """A numpy view of a CPU tensor (contiguous copy when needed)."""
+    return x.detach().contiguous().numpy()
+
+
+def topk_select(scores: torch.Tensor, k: int, bias: torch.Tensor | None = None):
+    """(expert <int64>[T, k], weight <float32>[T, k]) for scores <float32>[T, E].
+
+    expert: the k largest ``scores + bias`` per row, descending, ties -> lowest index first
+    (= ``torch.sort(scores + bias, dim=-1, descending=True, stable=True).indices[:, :k]``).
+    weight: ``scores.gather(1, expert)`` (the bias selects, it never weighs). NaN-free input.
+    """
+    t, e = scores.shape
+    mod = _kernels(t * e)
+    if not 1 <= k <= e:
+        raise ValueError(f"top_k must be in [1, {e}], got {k}")
+    expert = torch.empty(t, k, dtype=torch.int64)
+    weight = torch.empty(t, k, dtype=torch.float32)
+    if t == 0:
+        return expert, weight
+    has_bias = bias is not None
+    b = _np(bias.float()) if has_bias else _np(torch.zeros(e))
+    s = _np(scores)
+    if k <= 8:  # k SIMD max reductions over packed (score, -index) keys
+        mod.topk_select_packed(s, s.view(np.int32), b, has_bias, k, expert.numpy(), weight.numpy())
+    else:  # one insertion pass per row: fewer operations once k is large
+        mod.topk_select_insertion(s, b, has_bias, k, expert.numpy(), weight.numpy())
+    return expert, weight
+
+
+def keep_position(expert: torch.Tensor, capacity: int, num_experts: int) -> torch.Tensor:
+    """<bool>[A]: `keep_within_capacity(expert, position_priority(...), capacity, E)` for the
+    flat rank-major assignments expert <int64>[A] (priority = index)."""
+    mod = _kernels(expert.numel())
+    kept = torch.empty(expert.numel(), dtype=torch.bool)
+    if expert.numel():
+        mod.keep_position(_np(expert.reshape(-1)), int(capacity), int(num_experts), kept.numpy())
+    return kept
+
+
+def keep_by_score(expert: torch.Tensor, score: torch.Tensor, capacity: int, num_experts: int) -> torch.Tensor:
+    """<bool>[A]: `keep_within_capacity(expert, probs_priority(score), capacity, E)`: per expert
+    the ``capacity`` highest scores, ties -> lower index. score <float32>[A], NaN-free."""
+    mod = _kernels(expert.numel())
+    kept = torch.empty(expert.numel(), dtype=torch.bool)
+    if expert.numel():
+        mod.keep_by_score(_np(expert.reshape(-1)), _np(score.reshape(-1).float()), int(capacity),
+                          int(num_experts), kept.numpy())
+    return kept
+
+
+def dispatch_order(kept: torch.Tensor, expert: torch.Tensor, num_experts: int):
+    """(picked <int64>[N], counts <int64>[E]): the kept assignments sorted stably by expert
+    (= ``kept.nonzero()[sort(expert[kept], stable=True)]``) and each expert's row count."""
+    mod = _kernels(expert.numel())
+    if expert.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(num_experts, dtype=torch.int64)
+    picked, counts = mod.dispatch_order(_np(kept), _np(expert), int(num_experts))
+    return torch.from_numpy(picked), torch.from_numpy(counts)
+
+
+def combine_rows(token_index: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``zeros(T, d).index_add_(0, token_index, rows * weight[:, None])`` for float32 rows."""
+    mod = _kernels(rows.numel())
+    out = torch.empty(num_tokens, rows.shape[1], dtype=rows.dtype)
+    if out.numel():
+        mod.combine_rows(_np(token_index), _np(weight), _np(rows), out.numpy())
+    return out

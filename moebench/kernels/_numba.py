@@ -1,0 +1,258 @@
+"""numba kernels behind `moebench.kernels` (imported lazily: only when a fast path runs).
+
+Every kernel works on numpy views of CPU tensors and writes into caller-allocated outputs.
+Each is exact: it computes the same floats, in the same order, as the plain-torch code it
+replaces (see the docstrings of `moebench.kernels` for the contracts).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+# Tokens per parallel work item of the selection kernel, and assignments per block of the
+# capacity/dispatch counting passes. Big enough to amortise the per-block bookkeeping, small
+# enough to give every thread several blocks.
+TOKEN_BLOCK = 2048
+ASSIGN_BLOCK = 8192
+
+_OPTS = dict(cache=True, nogil=True)
+
+_NEG_ZERO_BITS = np.int32(-2147483648)  # 0x80000000, the bits of -0.0
+_GONE = np.int64(-9223372036854775808)  # below every packed key
+
+
+@njit(parallel=True, **_OPTS)
+def topk_select_packed(scores, bits, bias, has_bias, k, expert, weight):
+    """Per row of scores <f32>[T, E]: the k largest (scores + bias), descending, ties -> lowest
+    index first. Writes expert <i64>[T, k] and weight <f32>[T, k] = scores at those experts.
+    ``bits`` is ``scores`` viewed as int32.
+
+    Each score becomes one int64 whose order is (score, -index): the float's bits turned into
+    an order-preserving int32 (-0.0 folded into +0.0, so keys are equal exactly when the floats
+    compare equal) in the high half, E - 1 - index in the low half. Then k rounds of one SIMD
+    max reduction each, striking out each winner. For few picks (k <= 8).
+    """
+    t_total, e_total = scores.shape
+    nblocks = (t_total + TOKEN_BLOCK - 1) // TOKEN_BLOCK
+    last = np.int64(e_total - 1)
+    for b in prange(nblocks):
+        buf = np.empty(e_total, np.float32)
+        biased = buf.view(np.int32)
+        packed = np.empty(e_total, np.int64)
+        lo = b * TOKEN_BLOCK
+        hi = min(t_total, lo + TOKEN_BLOCK)
+        for t in range(lo, hi):
+            if has_bias:
+                for e in range(e_total):
+                    buf[e] = scores[t, e] + bias[e]
+                for e in range(e_total):
+                    i = biased[e]
+                    key = (i ^ ((i >> np.int32(31)) & np.int32(0x7FFFFFFF))) + np.int32(i == _NEG_ZERO_BITS)
+                    packed[e] = (np.int64(key) << np.int64(32)) | (last - e)
+            else:
+                for e in range(e_total):
+                    i = bits[t, e]
+                    key = (i ^ ((i >> np.int32(31)) & np.int32(0x7FFFFFFF))) + np.int32(i == _NEG_ZERO_BITS)
+                    packed[e] = (np.int64(key) << np.int64(32)) | (last - e)
+            for j in range(k):
+                best = _GONE
+                for e in range(e_total):
+                    best = max(best, packed[e])
+                first = last - (best & np.int64(0xFFFFFFFF))
+                packed[first] = _GONE
+                expert[t, j] = first
+                weight[t, j] = scores[t, first]
+
+
+@njit(parallel=True, **_OPTS)
+def topk_select_insertion(scores, bias, has_bias, k, expert, weight):
+    """What `topk_select_packed` computes, by one insertion pass over E per row (strict > keeps
+    the earlier expert ahead on ties). For many picks (k > 8)."""
+    t_total, e_total = scores.shape
+    nblocks = (t_total + TOKEN_BLOCK - 1) // TOKEN_BLOCK
+    for b in prange(nblocks):
+        vals = np.empty(k, np.float32)
+        idx = np.empty(k, np.int64)
+        lo = b * TOKEN_BLOCK
+        hi = min(t_total, lo + TOKEN_BLOCK)
+        for t in range(lo, hi):
+            for e in range(k):  # the first k fill the list, insertion-sorted
+                v = scores[t, e] + bias[e] if has_bias else scores[t, e]
+                j = e
+                while j > 0 and v > vals[j - 1]:
+                    vals[j] = vals[j - 1]
+                    idx[j] = idx[j - 1]
+                    j -= 1
+                vals[j] = v
+                idx[j] = e
+            last = vals[k - 1]
+            if has_bias:
+                for e in range(k, e_total):
+                    v = scores[t, e] + bias[e]
+                    if v > last:
+                        j = k - 1
+                        while j > 0 and v > vals[j - 1]:
+                            vals[j] = vals[j - 1]
+                            idx[j] = idx[j - 1]
+                            j -= 1
+                        vals[j] = v
+                        idx[j] = e
+                        last = vals[k - 1]
+            else:
+                for e in range(k, e_total):
+                    v = scores[t, e]
+                    if v > last:
+                        j = k - 1
+                        while j > 0 and v > vals[j - 1]:
+                            vals[j] = vals[j - 1]
+                            idx[j] = idx[j - 1]
+                            j -= 1
+                        vals[j] = v
+                        idx[j] = e
+                        last = vals[k - 1]
+            for j in range(k):
+                expert[t, j] = idx[j]
+                weight[t, j] = scores[t, idx[j]]
+
+
+@njit(parallel=True, **_OPTS)
+def _block_offsets(expert, select, num_experts):
+    """Counting pass of the capacity and dispatch kernels, over blocks of ASSIGN_BLOCK
+    assignments (in index order), counting the assignments a with select[a].
+
+    Returns (offset <i64>[B, E], count <i64>[E]): offset[b, e] = selected assignments of expert
+    e in the blocks before b; count[e] = all of them.
+    """
+    a_total = expert.size
+    nblocks = max(1, (a_total + ASSIGN_BLOCK - 1) // ASSIGN_BLOCK)
+    offset = np.zeros((nblocks, num_experts), np.int64)
+    for b in prange(nblocks):
+        lo = b * ASSIGN_BLOCK
+        hi = min(a_total, lo + ASSIGN_BLOCK)
+        for a in range(lo, hi):
+            if select[a]:
+                offset[b, expert[a]] += 1
+    count = np.zeros(num_experts, np.int64)
+    for b in range(nblocks):
+        for e in range(num_experts):
+            c = offset[b, e]
+            offset[b, e] = count[e]
+            count[e] += c
+    return offset, count
+
+
+@njit(parallel=True, **_OPTS)
+def keep_position(expert, capacity, num_experts, kept):
+    """kept[a] = fewer than `capacity` earlier assignments (a' < a) went to expert[a]."""
+    a_total = expert.size
+    offset, _ = _block_offsets(expert, np.ones(a_total, np.bool_), num_experts)
+    for b in prange(offset.shape[0]):
+        seen = offset[b].copy()
+        lo = b * ASSIGN_BLOCK
+        hi = min(a_total, lo + ASSIGN_BLOCK)
+        for a in range(lo, hi):
+            e = expert[a]
+            kept[a] = seen[e] < capacity
+            seen[e] += 1
+
+
+@njit(parallel=True, **_OPTS)
+def _bucket(expert, select, num_experts):
+    """Stable counting sort of the assignments a with select[a] by expert.
+
+    Returns (order <i64>[N], start <i64>[E], count <i64>[E]); within an expert, ascending a.
+    """
+    a_total = expert.size
+    offset, count = _block_offsets(expert, select, num_experts)
+    start = np.zeros(num_experts, np.int64)
+    for e in range(1, num_experts):
+        start[e] = start[e - 1] + count[e - 1]
+    order = np.empty(count.sum(), np.int64)
+    for b in prange(offset.shape[0]):
+        pos = offset[b] + start
+        lo = b * ASSIGN_BLOCK
+        hi = min(a_total, lo + ASSIGN_BLOCK)
+        for a in range(lo, hi):
+            if select[a]:
+                e = expert[a]
+                order[pos[e]] = a
+                pos[e] += 1
+    return order, start, count
+
+
+@njit(parallel=True, **_OPTS)
+def keep_by_score(expert, score, capacity, num_experts, kept):
+    """kept[a] = a is among the `capacity` best assignments of expert[a], best = higher score,
+    ties -> lower a (the `probs` policy's stable rank, served in that order).
+
+    Experts within capacity keep everything; only the assignments of overloaded experts are
+    bucketed, and each overloaded expert finds its capacity-th best score by a partition.
+    """
+    a_total = expert.size
+    _, count = _block_offsets(expert, np.ones(a_total, np.bool_), num_experts)
+    over = count > capacity
+    for a in prange(a_total):
+        kept[a] = not over[expert[a]]
+    if not over.any():
+        return
+    order, start, count = _bucket(expert, over[expert], num_experts)
+    for e in prange(num_experts):
+        s0 = start[e]
+        n = count[e]
+        if n == 0:
+            continue
+        if capacity <= 0:
+            continue  # (already False)
+        vals = np.empty(n, np.float32)
+        for i in range(n):
+            vals[i] = score[order[s0 + i]]
+        threshold = np.partition(vals, n - capacity)[n - capacity]  # the capacity-th largest
+        above = 0
+        for i in range(n):
+            if vals[i] > threshold:
+                above += 1
+        ties_left = capacity - above  # ties at the threshold are served in position order
+        for i in range(n):
+            v = vals[i]
+            if v > threshold:
+                kept[order[s0 + i]] = True
+            elif v == threshold and ties_left > 0:
+                kept[order[s0 + i]] = True
+                ties_left -= 1
+
+
+@njit(**_OPTS)
+def dispatch_order(kept, expert, num_experts):
+    """(picked <i64>[N], count <i64>[E]): kept assignments sorted stably by expert."""
+    order, _, count = _bucket(expert, kept, num_experts)
+    return order, count
+
+
+@njit(parallel=True, **_OPTS)
+def combine_rows(token_index, weight, rows, out):
+    """out[t, :] = sum over rows r of token t, in ascending r, of weight[r] * rows[r, :],
+    starting from 0 (what zeros().index_add_(0, token_index, rows * weight[:, None]) computes)."""
+    n, d = rows.shape
+    t_total = out.shape[0]
+    first = np.zeros(t_total + 1, np.int64)
+    for r in range(n):
+        first[token_index[r] + 1] += 1
+    for t in range(t_total):
+        first[t + 1] += first[t]
+    fill = first[:-1].copy()
+    members = np.empty(n, np.int64)
+    for r in range(n):
+        t = token_index[r]
+        members[fill[t]] = r
+        fill[t] += 1
+    for t in prange(t_total):
+        acc = out[t]
+        for c in range(d):
+            acc[c] = 0.0
+        for i in range(first[t], first[t + 1]):
+            r = members[i]
+            w = weight[r]
+            src = rows[r]
+            for c in range(d):
+                acc[c] += src[c] * w
