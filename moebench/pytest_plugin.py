@@ -75,12 +75,11 @@ class PhaseFactory:
         from dataclasses import replace
 
         from moebench.capacity import expert_capacity
-        from moebench.dispatch import combine, dispatch
         from moebench.errors import MoebenchError
         from moebench.metrics import routing_metrics
         from moebench.routers.base import RouteContext
         from moebench.routers.registry import ROUTERS
-        from moebench.runner import ROUTER_STREAM, CaseRunner, cuda_available, quick_case, quick_timing
+        from moebench.runner import ROUTER_STREAM, CaseRunner, cuda_available, phase_calls, quick_case, quick_timing
         from moebench.workloads import generator
 
         if phase not in PHASE_NAMES:
@@ -115,12 +114,7 @@ class PhaseFactory:
         ctx = RouteContext(c.top_k, capacity, c.drop_policy, generator(c.device, c.seed, ROUTER_STREAM), state)
         routing = r.route(inputs, ctx)
         metrics = routing_metrics(routing)
-        dispatched = dispatch(routing, inputs.hidden)
-        fn = {
-            "route": lambda: r.route(inputs, ctx),
-            "dispatch": lambda: dispatch(routing, inputs.hidden),
-            "combine": lambda: combine(routing, dispatched, dispatched.rows),
-        }[phase]
+        fn = phase_calls(r, inputs, ctx, routing)[phase]
         if "benchmark" in self._request.fixturenames:
             bench = self._request.getfixturevalue("benchmark")
             bench.extra_info.update({"case_id": c.case_id, "router": spec.display if spec else router,

@@ -18,6 +18,7 @@ import pandas as pd
 from moebench import tables
 from moebench.html_report import write_html
 from moebench.results import RunDir, load_run
+from moebench.scaling import scaling_table
 
 REPORT = "report.md"
 
@@ -64,6 +65,7 @@ def build_data(run_dirs: Sequence[str | Path | RunDir]) -> ReportData:
         "throughput": tables.throughput_table(rows),
         "streams": tables.stream_table(rows, batches),
         "skipped": tables.skipped_table(rows),
+        "scaling": scaling_table(rows),
     }
     return data
 
@@ -199,7 +201,7 @@ def table_section(name: str, title: str, note: str = "") -> Section:
     return section
 
 
-OPTIONAL_TABLES = ("streams", "skipped")
+OPTIONAL_TABLES = ("streams", "skipped", "scaling")
 PLOTS_DIR = "plots"
 
 
@@ -240,6 +242,9 @@ SECTIONS: list[Section] = [
                   "(where measurable). Timed on the first batch."),
     table_section("streams", "Streams",
                   "Per-batch trajectories over each stream: first, last, mean and worst batch."),
+    table_section("scaling", "Scaling",
+                  "Fitted exponent of median time against T (at fixed E) and against E (at fixed T): "
+                  "the slope of log(ms) on log(axis); 1.0 is linear."),
     _plots,
     table_section("skipped", "Skipped and failed rows"),
 ]

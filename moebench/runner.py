@@ -69,16 +69,22 @@ def _mean_metrics(per_batch: list[dict]) -> dict:
     return out
 
 
-def _time_phases(router: Router, inputs: RouteInputs, ctx: RouteContext, routing: Routing,
-                 timing: TimingSpec, device: str) -> dict:
-    """Median/IQR/CI, tokens/s and peak memory of route, dispatch and combine."""
-    clock = clock_for(device)
+def phase_calls(router: Router, inputs: RouteInputs, ctx: RouteContext, routing: Routing) -> dict:
+    """The timed phases as zero-argument calls: route (logits -> Routing), dispatch (gather
+    hidden rows into expert order) and combine (weighted scatter back; experts are identity)."""
     dispatched = dispatch(routing, inputs.hidden)
-    phases = {
+    return {
         "route": lambda: router.route(inputs, ctx),
         "dispatch": lambda: dispatch(routing, inputs.hidden),
         "combine": lambda: combine(routing, dispatched, dispatched.rows),
     }
+
+
+def _time_phases(router: Router, inputs: RouteInputs, ctx: RouteContext, routing: Routing,
+                 timing: TimingSpec, device: str) -> dict:
+    """Median/IQR/CI, tokens/s and peak memory of route, dispatch and combine."""
+    clock = clock_for(device)
+    phases = phase_calls(router, inputs, ctx, routing)
     out = {}
     tokens = inputs.logits.shape[0]
     for name, fn in phases.items():
