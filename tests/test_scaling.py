@@ -16,14 +16,14 @@ def _rows(router, tokens, experts, ms):
 def test_power_laws_give_their_exponents():
     rows = [_rows("linear", t, 64, 1e-3 * t) for t in (4096, 8192, 16384, 32768)]
     rows += [_rows("quadratic", t, 64, 1e-6 * t * t) for t in (4096, 8192, 16384)]
-    rows += [_rows("linear", 65536, e, 0.5 * e**0.5) for e in (8, 16, 32, 64)]
+    rows += [_rows("sqrt_e", 65536, e, 0.5 * e**0.5) for e in (8, 16, 32, 64)]
     rows += [_rows("two_points", t, 64, t) for t in (4096, 8192)]  # too few points: no fit
     table = scaling_table(pd.DataFrame(rows))
     got = {(r.router, r.phase, r.axis): r.exponent for r in table.itertuples()}
     assert got[("linear", "route", "T")] == pytest.approx(1.0, abs=1e-3)
     assert got[("linear", "dispatch", "T")] == pytest.approx(1.0, abs=1e-3)
     assert got[("quadratic", "route", "T")] == pytest.approx(2.0, abs=1e-3)
-    assert got[("linear", "route", "E")] == pytest.approx(0.5, abs=1e-3)
+    assert got[("sqrt_e", "route", "E")] == pytest.approx(0.5, abs=1e-3)
     assert not any(r == "two_points" for r, _, _ in got)
     assert not any(p == "combine" for _, p, _ in got)
 
