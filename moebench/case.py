@@ -39,6 +39,8 @@ class TimingSpec:
     warmup_rounds: untimed calls before measuring.  min_rounds/max_rounds: bounds on timed
     calls.  min_time_s: keep timing until this much measured time (adaptive rounds).
     threads: torch intra-op threads for CPU cases (None: all cores).  enabled: time at all.
+    mode: how phases run: eager, compile (torch.compile) or cuda_graph (CUDA-graph replay);
+        compiling and capturing happen before the warm-up (see moebench/modes.py).
     cpu_memory: also measure peak memory on CPU (through torch.profiler: ~10-40 ms a phase,
     so off by default; CUDA peak memory is always measured, it is nearly free).
     """
@@ -50,6 +52,7 @@ class TimingSpec:
     threads: int | None = None
     enabled: bool = True
     cpu_memory: bool = False
+    mode: str = "eager"
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from moebench.case import Case, NamedSpec, TimingSpec
 from moebench.dispatch import combine, dispatch
 from moebench.errors import WorkloadMismatchError
 from moebench.metrics import expert_loads, routing_metrics
+from moebench.modes import mode_problem, prepare
 from moebench.routers.base import RouteContext, RouteInputs, Router
 from moebench.routers.registry import ROUTERS
 from moebench.routing import Routing
@@ -54,7 +55,8 @@ def quick_case(case: Case) -> Case:
 
 
 def quick_timing(timing: TimingSpec) -> TimingSpec:
-    return replace(QUICK_TIMING, threads=timing.threads, enabled=timing.enabled, cpu_memory=timing.cpu_memory)
+    return replace(QUICK_TIMING, threads=timing.threads, enabled=timing.enabled, cpu_memory=timing.cpu_memory,
+                   mode=timing.mode)
 
 
 def cuda_available() -> bool:
@@ -84,7 +86,7 @@ def _time_phases(router: Router, inputs: RouteInputs, ctx: RouteContext, routing
                  timing: TimingSpec, device: str) -> dict:
     """Median/IQR/CI, tokens/s and peak memory of route, dispatch and combine."""
     clock = clock_for(device)
-    phases = phase_calls(router, inputs, ctx, routing)
+    phases = {name: prepare(fn, timing.mode, device) for name, fn in phase_calls(router, inputs, ctx, routing).items()}
     out = {}
     tokens = inputs.logits.shape[0]
     for name, fn in phases.items():
@@ -127,6 +129,7 @@ class CaseRunner:
                     "router_name": spec.name,
                     "router_params": spec.params_json(),
                     "threads": threads,
+                    "mode": self.timing.mode,
                     "status": "ok",
                     "reason": None,
                 }
@@ -139,7 +142,7 @@ class CaseRunner:
     def _device_problem(self) -> str | None:
         if self.case.device.startswith("cuda") and not cuda_available():
             return "CUDA is not available on this machine"
-        return None
+        return mode_problem(self.timing.mode, self.case.device) if self.timing.enabled else None
 
     def _run_router(self, spec: NamedSpec, row: dict) -> RowResult:
         c = self.case

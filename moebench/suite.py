@@ -23,6 +23,7 @@ import yaml
 from moebench.case import Case, NamedSpec, Suite, TimingSpec
 from moebench.drop_policies import DROP_POLICIES
 from moebench.errors import SuiteError, UnknownNameError, did_you_mean
+from moebench.modes import MODES
 from moebench.registry import Registry
 from moebench.routers.registry import ROUTERS
 from moebench.workloads import WORKLOADS
@@ -111,6 +112,7 @@ TIMING: dict[str, Rule] = {
     "threads": Rule("int", 1, nullable=True, what="all cores"),
     "enabled": Rule("bool"),
     "cpu_memory": Rule("bool"),
+    "mode": Rule("choice", choices=MODES, what="timing mode"),
 }
 
 
