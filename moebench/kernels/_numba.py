@@ -87,30 +87,17 @@ def topk_select_insertion(scores, bias, has_bias, k, expert, weight):
                 vals[j] = v
                 idx[j] = e
             last = vals[k - 1]
-            if has_bias:
-                for e in range(k, e_total):
-                    v = scores[t, e] + bias[e]
-                    if v > last:
-                        j = k - 1
-                        while j > 0 and v > vals[j - 1]:
-                            vals[j] = vals[j - 1]
-                            idx[j] = idx[j - 1]
-                            j -= 1
-                        vals[j] = v
-                        idx[j] = e
-                        last = vals[k - 1]
-            else:
-                for e in range(k, e_total):
-                    v = scores[t, e]
-                    if v > last:
-                        j = k - 1
-                        while j > 0 and v > vals[j - 1]:
-                            vals[j] = vals[j - 1]
-                            idx[j] = idx[j - 1]
-                            j -= 1
-                        vals[j] = v
-                        idx[j] = e
-                        last = vals[k - 1]
+            for e in range(k, e_total):
+                v = scores[t, e] + bias[e] if has_bias else scores[t, e]
+                if v > last:
+                    j = k - 1
+                    while j > 0 and v > vals[j - 1]:
+                        vals[j] = vals[j - 1]
+                        idx[j] = idx[j - 1]
+                        j -= 1
+                    vals[j] = v
+                    idx[j] = e
+                    last = vals[k - 1]
             for j in range(k):
                 expert[t, j] = idx[j]
                 weight[t, j] = scores[t, idx[j]]

@@ -64,6 +64,16 @@ class _Prepared:
 
 @dataclass(frozen=True)
 class _DeepSpeedBase(PeerRouter):
+    """Options every DeepSpeed adapter takes:
+    sparse_routes: per-route output (False: dense [T, E, C]).  max_dense_elements: skip above.
+    capacity_factor/min_capacity: give DeepSpeed these instead of the case's capacity.
+    """
+
+    sparse_routes: bool = True
+    max_dense_elements: int = DEFAULT_MAX_DENSE
+    capacity_factor: float | None = None
+    min_capacity: int = 0
+
     package = "deepspeed"
     module = "deepspeed.moe.sharded_moe"
     system = "DeepSpeed"
@@ -158,11 +168,6 @@ class DeepSpeedTopK(_DeepSpeedBase):
     capacity_factor/min_capacity: give DeepSpeed these instead of the case's capacity.
     """
 
-    sparse_routes: bool = True
-    max_dense_elements: int = DEFAULT_MAX_DENSE
-    capacity_factor: float | None = None
-    min_capacity: int = 0
-
     policies = ("probs", "position")
     function = "topkgating"
     paper = "DeepSpeed deepspeed.moe.sharded_moe.topkgating (needs deepspeed)"
@@ -201,11 +206,6 @@ class DeepSpeedTop1(_DeepSpeedBase):
     """
 
     use_rts: bool | None = None
-    sparse_routes: bool = True
-    max_dense_elements: int = DEFAULT_MAX_DENSE
-    capacity_factor: float | None = None
-    min_capacity: int = 0
-
     fixed_top_k = 1
     factor_scale = "1"
     policies = ("random", "position")
@@ -253,11 +253,6 @@ class DeepSpeedTop2(_DeepSpeedBase):
     """
 
     second_expert_sampling: bool = False
-    sparse_routes: bool = True
-    max_dense_elements: int = DEFAULT_MAX_DENSE
-    capacity_factor: float | None = None
-    min_capacity: int = 0
-
     fixed_top_k = 2
     factor_scale = "2"
     policies = ("position",)
