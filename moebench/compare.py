@@ -23,19 +23,16 @@ and `error` in B is always a regression. Exit codes: 0 pass, 1 regression, 2 not
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
+from moebench.compare_sides import MODES, Scale, load_side, num, resolve_mode  # noqa: F401 (load_side: API)
 from moebench.errors import MoebenchError, did_you_mean
 from moebench.metrics import METRICS
-from moebench.results import META, ROWS, RunDir
 
 METRIC_SETS = ("deterministic", "time", "all")
-MODES = ("auto", "absolute", "relative")
 REL_TOL, ABS_TOL = 1e-6, 1e-9
 
 
@@ -139,31 +136,6 @@ class Comparison:
         }
 
 
-def load_side(path: str | Path) -> tuple[dict, list[dict]]:
-    """(meta, rows) of a run folder, a baseline file ({"meta", "rows"}, from `moebench export`)
-    or a folder of runs such as results/<suite> (its latest run)."""
-    path = Path(path)
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise MoebenchError(f"{path}: not a baseline file (invalid JSON: {exc})") from None
-        if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
-            raise MoebenchError(f"{path}: not a baseline file (expected a JSON object with 'meta' and 'rows')")
-        return dict(data.get("meta") or {}), list(data["rows"])
-    if not path.is_dir():
-        raise MoebenchError(f"{path}: no such run folder or baseline file")
-    if not (path / META).exists():
-        runs = sorted(p for p in path.iterdir() if (p / META).exists())
-        if not runs:
-            raise MoebenchError(f"{path}: not a moebench run (no {META}) and holds no runs")
-        path = runs[-1]
-    if not (path / ROWS).exists():
-        raise MoebenchError(f"{path}: the run has no {ROWS}")
-    run = RunDir(path)
-    return run.meta(), run.rows()
-
-
 def parse_threshold(text: str, what: str) -> tuple[float, bool]:
     """``10%`` -> (0.10, relative); ``0.5`` -> (0.5, absolute). Must be a number >= 0."""
     relative = text.strip().endswith("%")
@@ -186,45 +158,6 @@ def parse_gate(spec: str) -> Gate:
     return Gate(metric, *parse_threshold(value, f"--fail-on {spec!r}"))
 
 
-def _machine(meta: dict) -> tuple:
-    env = meta.get("environment") or {}
-    gpus = tuple(d.get("name") for d in (env.get("cuda") or {}).get("devices") or [])
-    return env.get("cpu_model"), env.get("hostname"), gpus
-
-
-def _reference(meta: dict, device: str | None = None) -> dict | None:
-    """The reference kernel time for ``device`` (meta "reference_by_device"), else the run's."""
-    by_device = meta.get("reference_by_device") or {}
-    ref = by_device.get(device) if device in by_device else meta.get("reference")
-    ok = isinstance(ref, dict) and (_num(ref.get("median_ms")) or 0) > 0
-    return ref if ok else None
-
-
-def _resolve_mode(mode: str, meta_a: dict, meta_b: dict, notes: list[str]) -> str:
-    if mode not in MODES:
-        raise MoebenchError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
-    ref_a, ref_b = _reference(meta_a), _reference(meta_b)
-    same_kernel = bool(ref_a and ref_b and ref_a.get("kernel") == ref_b.get("kernel"))
-    differ = _machine(meta_a) != _machine(meta_b)
-    if mode == "relative" and not same_kernel:
-        raise MoebenchError("--relative: both runs need a meta.json 'reference' time of the same kernel")
-    if mode == "auto":
-        mode = "relative" if differ and same_kernel else "absolute"
-        if differ and not same_kernel:
-            notes.append("the runs come from different machines and do not both carry a reference kernel time: "
-                         "times are compared raw and may reflect the machines, not the code")
-    if mode == "relative":
-        notes.append(f"times are relative to the reference kernel {ref_a.get('kernel')!r} "
-                     f"(A: {ref_a['median_ms']:.4g} ms, B: {ref_b['median_ms']:.4g} ms): time / reference median")
-    return mode
-
-
-def _num(x: Any) -> float | None:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return None
-    return float(x) if math.isfinite(x) else None
-
-
 def _close(a: float, b: float) -> bool:
     return abs(a - b) <= max(ABS_TOL, REL_TOL * max(abs(a), abs(b)))
 
@@ -242,30 +175,6 @@ def _worse_by(metric: str, a: float, b: float, relative: bool) -> float:
     return delta / abs(a) if a != 0 else (math.inf if delta > 0 else 0.0)
 
 
-class _Scale:
-    """Turns one side's row values into compared values: raw, or per reference median."""
-
-    def __init__(self, meta: dict, relative: bool, device: str | None):
-        ref = _reference(meta, device) if relative else None
-        self.ref = ref["median_ms"] if ref else 1.0
-        self.low = _num(ref.get("ci_low_ms")) if ref else None
-        self.high = _num(ref.get("ci_high_ms")) if ref else None
-
-    def value(self, metric: str, x: float | None) -> float | None:
-        if x is None:
-            return None
-        if metric.endswith("_ms"):
-            return x / self.ref
-        return x * self.ref if metric.endswith(".tokens_per_s") else x
-
-    def ci(self, row: dict, phase: str) -> tuple[float, float] | None:
-        """CI of the scaled median; the reference's own CI widens it (conservative)."""
-        low, high = _num(row.get(f"{phase}.ci_low_ms")), _num(row.get(f"{phase}.ci_high_ms"))
-        if low is None or high is None:
-            return None
-        return low / (self.high or self.ref), high / (self.low or self.ref)
-
-
 def _deterministic(v: Verdict) -> None:
     a, b = v.a, v.b
     if a is None or b is None:
@@ -279,7 +188,7 @@ def _deterministic(v: Verdict) -> None:
         v.verdict = "worse" if _worse_by(v.metric, a, b, False) > 0 else "better"
 
 
-def _median(v: Verdict, row_a: dict, row_b: dict, sa: _Scale, sb: _Scale, noise: NoiseRule, gate: Gate | None):
+def _median(v: Verdict, row_a: dict, row_b: dict, sa: Scale, sb: Scale, noise: NoiseRule, gate: Gate | None):
     """Conditions (1)-(3) of the noise rule for one row; (4) is :func:`_consistency`."""
     phase, a, b = v.metric.split(".")[0], v.a, v.b
     ci_a, ci_b = sa.ci(row_a, phase), sb.ci(row_b, phase)
@@ -343,7 +252,7 @@ def _consistency(rows: list[RowComparison], noise: NoiseRule, notes: list[str]) 
                          "router stands out from that")
 
 
-def _compare_row(key, row_a, row_b, names, sa: _Scale, sb: _Scale, noise, gates) -> RowComparison:
+def _compare_row(key, row_a, row_b, names, sa: Scale, sb: Scale, noise, gates) -> RowComparison:
     """Verdicts of every metric in ``names`` that either row carries."""
     out = RowComparison(key[0], key[1], row_a.get("device"))
     for metric in names:
@@ -351,7 +260,7 @@ def _compare_row(key, row_a, row_b, names, sa: _Scale, sb: _Scale, noise, gates)
             continue
         info, gate = METRICS[metric], gates.get(metric)
         is_median = metric.endswith(".median_ms")
-        a, b = sa.value(metric, _num(row_a.get(metric))), sb.value(metric, _num(row_b.get(metric)))
+        a, b = sa.value(metric, num(row_a.get(metric))), sb.value(metric, num(row_b.get(metric)))
         gated = gate is not None if gates else (info.deterministic or is_median)
         v = Verdict(key[0], key[1], metric, a, b, "info", _change(a, b), gated=gated)
         if info.deterministic:
@@ -393,7 +302,7 @@ def compare_runs(a, b, fail_on=(), metrics: str = "all", mode: str = "auto",
     if outside:
         raise MoebenchError(f"--fail-on {', '.join(outside)}: not among the compared metrics (--metrics {metrics})")
     notes: list[str] = []
-    mode = "absolute" if metrics == "deterministic" else _resolve_mode(mode, meta_a, meta_b, notes)
+    mode = "absolute" if metrics == "deterministic" else resolve_mode(mode, meta_a, meta_b, notes)
     for key, what in (("suite_sha256", "suite file"), ("quick", "--quick setting"), ("timing", "timing settings")):
         if key in meta_a and key in meta_b and meta_a[key] != meta_b[key]:
             notes.append(f"the runs differ in {what} ({key})")
@@ -412,7 +321,7 @@ def compare_runs(a, b, fail_on=(), metrics: str = "all", mode: str = "auto",
     rows = []
     for key in matched:
         device = index_a[key].get("device")
-        sa, sb = _Scale(meta_a, relative, device), _Scale(meta_b, relative, device)
+        sa, sb = Scale(meta_a, relative, device), Scale(meta_b, relative, device)
         rows.append(_compare_row(key, index_a[key], index_b[key], names, sa, sb, noise, gates))
     _consistency(rows, noise, notes)
     return Comparison(

@@ -70,7 +70,8 @@ NOTES: dict[str, tuple[str, str]] = {
     ),
     "soft_moe": (
         "Slot logits h·Φ over E·S slots; dispatch = softmax over tokens per slot, combine = softmax "
-        "over slots per token; nothing is dropped.",
+        "over slots per token; nothing is dropped. With `sequence_length` n, each of the T/n sequences "
+        "has its own E·S slots (the paper's per-sequence form; cost linear in T).",
         "Every expert processes S slots, so counts are balanced by construction; the load metrics use "
         "the combine-weight mass each expert receives instead. drop_rate and token_drop_rate are 0.",
     ),
@@ -120,7 +121,9 @@ def render() -> str:
         "",
         "Per phase (`route`, `dispatch`, `combine`): `median_ms`, `mean_ms`, `iqr_ms`, `min_ms`,",
         "`max_ms`, `ci_low_ms`/`ci_high_ms` (95% CI of the median), `rounds`, `tokens_per_s`,",
-        "`peak_mem_bytes`.",
+        "`peak_mem_bytes`, `x_memcopy` (median over the median of a clone of the phase's input, timed",
+        "in the same case: logits for route, hidden states for dispatch and combine). Rows also carry",
+        "those bounds as `memcopy_logits_ms` and `memcopy_hidden_ms`.",
         "",
     ]
     return "\n".join(out)

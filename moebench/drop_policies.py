@@ -58,6 +58,38 @@ DROP_POLICIES: dict[str, PriorityFn] = {
 }
 
 
+# keep(expert <int64>[k, T], scores <float32>[k, T], capacity, num_experts) -> <bool>[k*T]
+KeepFn = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+
+
+def _keep_position_kernel(expert, scores, capacity, num_experts):
+    from moebench import kernels
+
+    return kernels.keep_position(expert, capacity, num_experts)
+
+
+def _keep_by_score_kernel(expert, scores, capacity, num_experts):
+    from moebench import kernels
+
+    return kernels.keep_by_score(expert, scores, capacity, num_experts)
+
+
+# Exact numba forms of `keep_within_capacity(expert, priority(...), ...)`, each registered
+# with the priority it reproduces: a policy whose priority is replaced loses its fast form.
+FAST_KEEP: dict[str, tuple[PriorityFn, KeepFn]] = {
+    "position": (position_priority, _keep_position_kernel),
+    "probs": (probs_priority, _keep_by_score_kernel),
+}
+
+
+def fast_keep(name: str) -> KeepFn | None:
+    """The numba capacity kernel that computes exactly what policy ``name`` keeps, or None."""
+    entry = FAST_KEEP.get(name)
+    if entry is None or DROP_POLICIES.get(name) is not entry[0]:
+        return None
+    return entry[1]
+
+
 def get_drop_policy(name: str) -> PriorityFn:
     try:
         return DROP_POLICIES[name]

@@ -65,6 +65,8 @@ _PHASE_FIELDS = [
     Metric("stdev_ms", "lower", False, "sample standard deviation of the call times"),
     Metric("tokens_per_s", "higher", False, "tokens / median time"),
     Metric("peak_mem_bytes", "lower", False, "extra peak memory of one call (where measurable)"),
+    Metric("x_memcopy", "lower", False,
+           "median / median of a clone of the phase's input in the same case (logits for route, hidden for dispatch/combine)"),
 ]
 
 PHASES = ("route", "dispatch", "combine")

@@ -15,10 +15,11 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
-from moebench import tables
+from moebench import side_by_side, tables
 from moebench.html_report import write_html
 from moebench.results import RunDir, load_run
 from moebench.scaling import scaling_table
+from moebench.side_by_side import side_by_side_table
 
 REPORT = "report.md"
 
@@ -66,6 +67,7 @@ def build_data(run_dirs: Sequence[str | Path | RunDir]) -> ReportData:
         "streams": tables.stream_table(rows, batches),
         "skipped": tables.skipped_table(rows),
         "scaling": scaling_table(rows),
+        "side_by_side": side_by_side_table(rows),
     }
     return data
 
@@ -201,7 +203,21 @@ def table_section(name: str, title: str, note: str = "") -> Section:
     return section
 
 
-OPTIONAL_TABLES = ("streams", "skipped", "scaling")
+OPTIONAL_TABLES = ("streams", "skipped", "scaling", "side_by_side")
+
+
+def _side_by_side(data: ReportData, out_dir: Path) -> str | None:
+    """Route medians with one column per router (`moebench.side_by_side`); None without two
+    timed routers."""
+    table = data.tables.get("side_by_side")
+    if table is None or table.empty:
+        return None
+    return "\n".join([
+        "## Route time side by side", "",
+        "Median ms of one route call and, in brackets, its ratio to the fastest router of the case "
+        "(bold), all timed in one process on the same logits.", "",
+        side_by_side.markdown(table, hide=_hidden(data)),
+    ])
 PLOTS_DIR = "plots"
 
 
@@ -240,6 +256,7 @@ SECTIONS: list[Section] = [
     table_section("throughput", "Throughput",
                   "Per phase: median and IQR of one call in ms, tokens/s at the median, peak MB "
                   "(where measurable). Timed on the first batch."),
+    _side_by_side,
     table_section("streams", "Streams",
                   "Per-batch trajectories over each stream: first, last, mean and worst batch."),
     table_section("scaling", "Scaling",

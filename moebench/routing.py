@@ -13,16 +13,36 @@ import torch
 
 @dataclass(frozen=True)
 class SoftSlots:
-    """Soft MoE's dense slot matrices (Puigcerver et al. 2023).
+    """Soft MoE's dense slot matrices (Puigcerver et al. 2023), one set of slots per sequence.
 
-    dispatch <float32>[T, E*S]: softmax over tokens per slot (each column sums to 1).
-    combine  <float32>[T, E*S]: softmax over slots per token (each row sums to 1).
-    slots_per_expert: S.
+    The T tokens are B = T / n sequences of n = sequence_length consecutive tokens (None: one
+    sequence of all T tokens, B = 1); each sequence has its own E*S slots, so the batch has
+    E*B*S. Row t of both matrices refers to the slots of token t's sequence: viewed as
+    [B, n, E*S] (`blocks`) they are the per-sequence matrices, the diagonal blocks of the
+    batch's block-diagonal [T, E*B*S] matrices, which are never built.
+
+    dispatch <float32>[T, E*S]: softmax over a sequence's tokens per slot (within each
+        sequence each column sums to 1).
+    combine  <float32>[T, E*S]: softmax over the slots of the token's sequence (each row sums to 1).
+    slots_per_expert: S, per sequence. Slot s of expert e is column e*S + s.
+    sequence_length: n, or None for one sequence.
     """
 
     dispatch: torch.Tensor
     combine: torch.Tensor
     slots_per_expert: int
+    sequence_length: int | None = None
+
+    @property
+    def num_sequences(self) -> int:
+        """B: sequences in the batch."""
+        t = self.dispatch.shape[0]
+        return 1 if self.sequence_length is None or t == 0 else t // self.sequence_length
+
+    def blocks(self, matrix: torch.Tensor) -> torch.Tensor:
+        """<dtype>[B, n, E*S]: ``dispatch`` or ``combine`` (or anything of their shape) per sequence."""
+        b = self.num_sequences
+        return matrix.view(b, matrix.shape[0] // b, matrix.shape[-1])
 
 
 @dataclass(frozen=True)

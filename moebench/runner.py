@@ -82,17 +82,36 @@ def phase_calls(router: Router, inputs: RouteInputs, ctx: RouteContext, routing:
     }
 
 
+# What each phase's memcopy bound copies: the route reads logits, dispatch and combine move
+# hidden states. The phase's median over the bound's is its `<phase>.x_memcopy`.
+BOUND_OF_PHASE = {"route": "memcopy_logits", "dispatch": "memcopy_hidden", "combine": "memcopy_hidden"}
+
+
+def memcopy_bounds(inputs: RouteInputs, timing: TimingSpec, device: str) -> dict:
+    """{"memcopy_logits_ms", "memcopy_hidden_ms"}: medians of ``clone()`` of logits <dtype>[T, E]
+    and hidden <dtype>[T, d], timed like the phases (same clock, threads and rounds) but
+    always eager: the floor any phase that reads its input and writes a fresh tensor pays."""
+    clock = clock_for(device)
+    out = {}
+    for name, x in (("memcopy_logits", inputs.logits), ("memcopy_hidden", inputs.hidden)):
+        out[f"{name}_ms"] = measure(x.clone, timing, clock).median if x is not None else None
+    return out
+
+
 def _time_phases(router: Router, inputs: RouteInputs, ctx: RouteContext, routing: Routing,
-                 timing: TimingSpec, device: str) -> dict:
-    """Median/IQR/CI, tokens/s and peak memory of route, dispatch and combine."""
+                 timing: TimingSpec, device: str, bounds: dict | None = None) -> dict:
+    """Median/IQR/CI, tokens/s, peak memory and x memcopy (against ``bounds``, see
+    `memcopy_bounds`) of route, dispatch and combine."""
     clock = clock_for(device)
     phases = {name: prepare(fn, timing.mode, device) for name, fn in phase_calls(router, inputs, ctx, routing).items()}
-    out = {}
+    out = dict(bounds or {})
     tokens = inputs.logits.shape[0]
     for name, fn in phases.items():
         stats = measure(fn, timing, clock)
         out.update(stats.as_row(name))
         out[f"{name}.tokens_per_s"] = tokens / (stats.median / 1e3) if stats.median > 0 else math.nan
+        bound = out.get(f"{BOUND_OF_PHASE[name]}_ms")
+        out[f"{name}.x_memcopy"] = stats.median / bound if bound else None
         measured = device != "cpu" or timing.cpu_memory
         out[f"{name}.peak_mem_bytes"] = peak_memory(fn, device) if measured else None
     return out
@@ -106,6 +125,14 @@ class CaseRunner:
         self.timing = timing
         self.base_row = {**base_row, **case.axes()}
         self._inputs: list[RouteInputs] | None = None
+        self._bounds: dict | None = None
+
+    def bounds(self) -> dict:
+        """This case's memcopy bounds (`memcopy_bounds` of batch 0), timed once on first use,
+        inside the threads pinned for the routers."""
+        if self._bounds is None:
+            self._bounds = memcopy_bounds(self.inputs()[0], self.timing, self.case.device)
+        return self._bounds
 
     def inputs(self) -> list[RouteInputs]:
         if self._inputs is None:
@@ -184,7 +211,7 @@ class CaseRunner:
                 first_loads = [float(x) for x in expert_loads(routing).tolist()]
                 if self.timing.enabled:
                     timed_ctx = replace(ctx, generator=generator(c.device, c.seed, ROUTER_STREAM))
-                    row.update(_time_phases(router, inputs, timed_ctx, routing, self.timing, c.device))
+                    row.update(_time_phases(router, inputs, timed_ctx, routing, self.timing, c.device, self.bounds()))
             router.update_state(state, routing)
         row.update(_mean_metrics(per_batch))
         key = {"run_id": row.get("run_id"), "case_id": row["case_id"], "router": row["router"]}

@@ -1,6 +1,7 @@
 """Suite files: YAML -> merged document -> validated, expanded `Suite` (DESIGN.md, first box).
 
-``load_suite(path)`` is ``validate_document(load_document(path))``. Every problem raises a
+``load_suite(path)`` is ``validate_document(load_document(path))``; reading the YAML and its
+includes is `moebench.suite_files`. Every problem raises a
 one-line `SuiteError` naming the file, the field path (dots and ``[i]``) and what was expected.
 The field rules live in two tables, `AXES` and `TIMING`, which schema.py also reads, so the
 validator and the JSON Schema cannot drift apart.
@@ -12,17 +13,16 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import yaml
 
 from moebench.case import Case, NamedSpec, Suite, TimingSpec
 from moebench.drop_policies import DROP_POLICIES
 from moebench.errors import SuiteError, UnknownNameError, did_you_mean
+from moebench.suite_files import include_list, read_suite_file, show
 from moebench.modes import MODES
 from moebench.registry import Registry
 from moebench.routers.registry import ROUTERS
@@ -116,139 +116,18 @@ TIMING: dict[str, Rule] = {
 }
 
 
-def show(value: Any) -> str:
-    """A value as the user wrote it in YAML, shortened to fit one line."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    text = repr(value) if isinstance(value, (str, int, float)) else json.dumps(value, default=str)
-    text = " ".join(text.split())
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading: YAML, includes, deep merge
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys (plain PyYAML silently keeps the last one)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:  # unhashable key: the base class reports it
-                continue
-            if duplicate:
-                problem = f"found duplicate key {show(key)}"
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark, problem, key_node.start_mark
-                )
-        return super().construct_mapping(node, deep)
-
-
-def _yaml_message(exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc)
-    context = getattr(exc, "context", None)
-    text = (f"line {mark.line + 1}, column {mark.column + 1}: " if mark else "") + problem
-    text += f" ({context})" if context else ""
-    return " ".join(text.split())
-
-
-def _read_yaml(path: Path, file: str) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SuiteError(file, "<file>", "file not found") from None
-    except IsADirectoryError:
-        raise SuiteError(file, "<file>", "is a directory, not a suite file") from None
-    except UnicodeDecodeError:
-        raise SuiteError(file, "<file>", "not UTF-8 text") from None
-    except OSError as exc:
-        raise SuiteError(file, "<file>", f"cannot read: {exc.strerror or exc}") from None
-    try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
-    except yaml.YAMLError as exc:
-        raise SuiteError(file, "<yaml>", _yaml_message(exc)) from None
-
-
-def _include_list(value: Any, file: str) -> list[tuple[str, str]]:
-    """[(path, field)] of an `include:` value: one path or a list of paths."""
-    if isinstance(value, str):
-        return [(value, "include")]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return [(v, f"include[{i}]") for i, v in enumerate(value)]
-    raise SuiteError(file, "include", f"expected a path or a list of paths, got {show(value)}")
-
-
-def _deep_merge(base: dict, override: dict) -> dict:
-    """Mappings merge key by key (``override`` wins); anything else, lists included, is replaced."""
-    out = dict(base)
-    for key, value in override.items():
-        both = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _deep_merge(out[key], value) if both else value
-    return out
-
-
-def _key_paths(doc: dict, prefix: str = "") -> Iterator[str]:
-    """Dotted paths of every mapping key in ``doc`` ("grid", "grid.tokens", ...)."""
-    for key, value in doc.items():
-        path = f"{prefix}{key}"
-        yield path
-        if isinstance(value, dict):
-            yield from _key_paths(value, path + ".")
-
-
-def _load(path: Path, file: str, chain: tuple[tuple[str, str], ...]) -> tuple[Any, dict[str, str]]:
-    """The document at ``path`` with its includes merged in, and the file each key path came from.
-
-    file: the path as shown in errors.  chain: (real path, shown path) of the including files.
-    """
-    doc = _read_yaml(path, file)
-    if not isinstance(doc, dict):
-        if chain:  # the top file's shape is reported by the validator
-            raise SuiteError(file, "", f"an included file must be a mapping, got {show(doc)}")
-        return doc, {}
-    chain = chain + ((os.path.realpath(path), file),)
-    merged: dict = {}
-    origins: dict[str, str] = {}
-    for include, field in _include_list(doc.get("include", []), file):
-        target = path.parent / include
-        shown = os.path.normpath(os.path.join(os.path.dirname(file), include))
-        if any(real == os.path.realpath(target) for real, _ in chain):
-            cycle = " -> ".join([shown_ for _, shown_ in chain] + [shown])
-            raise SuiteError(file, field, f"include cycle: {cycle}")
-        if not target.is_file():
-            raise SuiteError(file, field, f"included file not found: {shown}")
-        sub, sub_origins = _load(target, shown, chain)
-        merged = _deep_merge(merged, sub)
-        origins.update(sub_origins)
-    own = {k: v for k, v in doc.items() if k != "include"}
-    merged = _deep_merge(merged, own)
-    origins.update(dict.fromkeys(_key_paths(own), file))
-    live = set(_key_paths(merged))  # drop origins of keys an override replaced wholesale
-    return merged, {p: f for p, f in origins.items() if p in live}
-
-
 def load_document(path: str | Path) -> dict:
     """The suite at ``path`` with its includes merged in (``include`` removed), not validated.
 
     Raises SuiteError for a missing file, bad YAML, a bad include or an include cycle. The
     result is not necessarily a mapping when the file itself is not one.
     """
-    return _load(Path(path), str(path), ())[0]
+    return read_suite_file(Path(path), str(path))[0]
 
 
 def load_suite(path: str | Path) -> Suite:
     """Load, merge, validate and expand the suite at ``path``; raises SuiteError."""
-    document, origins = _load(Path(path), str(path), ())
+    document, origins = read_suite_file(Path(path), str(path))
     return validate_document(document, str(path), origins)
 
 
@@ -309,7 +188,7 @@ class _Validator:
         if not isinstance(description, str):
             self.fail("description", f"expected a string, got {show(description)}")
         if "include" in doc:  # normally resolved by load_document; a direct caller gets it checked
-            _include_list(doc["include"], self.file)
+            include_list(doc["include"], self.file)
         routers = self.routers(doc["routers"])
         cases = self.cases(doc)
         timing = self.timing(doc.get("timing", {}))

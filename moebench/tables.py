@@ -178,9 +178,14 @@ def _ok(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["status"] == "ok"] if "status" in df.columns else df
 
 
+def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The ok rows of ``df``, with case labels, sorted by case axes, run and router."""
+    return _sorted(_ok(_ensure_labels(df)))
+
+
 def _select(df: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
     """``case, router, <columns present>, run_id, case_id`` of the sorted ok rows."""
-    df = _sorted(_ok(_ensure_labels(df)))
+    df = ok_rows(df)
     cols = ["case", "router"] + [c for c in columns if c in df.columns] + list(KEY_TAIL)
     return df.reindex(columns=cols).reset_index(drop=True)
 
@@ -198,13 +203,16 @@ def drops_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def throughput_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Speed per case x router: for each phase the median and IQR in ms, tokens/s, and the
-    peak memory in MB (``<phase>.peak_mb``, only where some row measured it); then threads."""
+    """Speed per case x router: for each phase the median and IQR in ms, tokens/s, the median
+    over the case's memcopy bound (``<phase>.x_memcopy``) and the peak memory in MB
+    (``<phase>.peak_mb``); the last two only where some row has them; then threads."""
     df = _ensure_labels(df)
     ok = _ok(df)
     columns = []
     for phase in PHASES:
         columns += [f"{phase}.median_ms", f"{phase}.iqr_ms", f"{phase}.tokens_per_s"]
+        if f"{phase}.x_memcopy" in ok.columns and ok[f"{phase}.x_memcopy"].notna().any():
+            columns.append(f"{phase}.x_memcopy")
         peak = f"{phase}.peak_mem_bytes"
         if peak in ok.columns and ok[peak].notna().any():
             df = df.assign(**{f"{phase}.peak_mb": pd.to_numeric(df[peak], errors="coerce") / 2**20})
@@ -336,6 +344,8 @@ def format_value(column: str, value, integer: bool = False) -> str:
         return f"{value:.3f}"
     if column.endswith("tokens_per_s"):
         return engineering(value)
+    if column.endswith("x_memcopy"):
+        return f"{value:.1f}"
     if integer and value.is_integer() and abs(value) < 1e15:
         return str(int(value))
     if abs(value) >= 0.9995:  # would round to 1.00 with 3 significant digits
@@ -349,7 +359,8 @@ def _whole(column: pd.Series) -> bool:
     return bool(len(values)) and bool((values == np.round(values)).all())
 
 
-def _escape(text: str) -> str:
+def escape(text: str) -> str:
+    """Text safe inside a Markdown table cell."""
     return text.replace("|", "\\|").replace("\n", " ").replace("\r", " ")
 
 
@@ -366,7 +377,7 @@ def markdown_table(table: pd.DataFrame, hide: Iterable[str] = KEY_TAIL, bold: bo
     mask = best_mask(table) if bold else pd.DataFrame(False, index=table.index, columns=table.columns)
     numeric = {c: pd.api.types.is_numeric_dtype(table[c]) for c in shown}
     integer = {c: numeric[c] and _whole(table[c]) for c in shown}
-    lines = ["| " + " | ".join(_escape(c) for c in shown) + " |",
+    lines = ["| " + " | ".join(escape(c) for c in shown) + " |",
              "|" + "|".join("---:" if numeric[c] else "---" for c in shown) + "|"]
     previous_case = None
     for idx, row in table.iterrows():
@@ -377,6 +388,6 @@ def markdown_table(table: pd.DataFrame, hide: Iterable[str] = KEY_TAIL, bold: bo
                 text, previous_case = ("" if text == previous_case else text), text
             elif mask.at[idx, c]:
                 text = f"**{text}**"
-            cells.append(_escape(text))
+            cells.append(escape(text))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -264,3 +264,12 @@ def test_gshard_position_first_choices_before_second(impl):
     # 1st choices: t0 -> e0, t1 -> e1; 2nd: t0 -> e1 (dropped: e1 full), t1 -> e2 (kept)
     assert kept_pairs(r) == [(0, 0), (1, 1), (1, 2)]
     assert math.isclose(float(r.weight[r.kept][0]), 0.6 / 0.9, rel_tol=1e-6)
+
+
+def test_fast_keep_only_while_the_policy_is_the_one_it_reproduces(monkeypatch):
+    from moebench.drop_policies import fast_keep
+
+    assert fast_keep("position") is not None and fast_keep("probs") is not None
+    assert fast_keep("bpr") is None and fast_keep("random") is None
+    monkeypatch.setitem(DROP_POLICIES, "position", bpr_priority)
+    assert fast_keep("position") is None

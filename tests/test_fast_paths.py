@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import numpy as np
 import torch
 
 pytest.importorskip("numba")
@@ -23,7 +24,7 @@ from moebench.dispatch import combine, dispatch  # noqa: E402
 from moebench.drop_policies import keep_within_capacity, position_priority, probs_priority  # noqa: E402
 from moebench.errors import MoebenchError  # noqa: E402
 from moebench.routers import RouteContext, RouteInputs, RouterState, create_router  # noqa: E402
-from moebench.routers.base import top_k_experts  # noqa: E402
+from moebench.routers.base import normalize_weights, top_k_experts  # noqa: E402
 
 FIELDS = ("token_index", "expert_index", "choice", "weight", "kept", "probs", "logits")
 
@@ -184,6 +185,46 @@ def test_random_inputs(t, e, data):
     assert_same_routing("topk", logits, k, capacity, policy, bias=bias, **options)
 
 
+@pytest.mark.parametrize("policy", ["position", "probs"])
+@pytest.mark.parametrize("k", [1, 2, 6])
+def test_deepseek_without_groups(policy, k):
+    """DeepSeek (sigmoid, bias, normalised weights, route_scale) through the fused selection."""
+    t, e = 53, 16
+    g = torch.Generator().manual_seed(k)
+    bias = torch.randint(-1, 2, (e,), generator=g).float() * 0.25
+    for name, logits in adversarial_logits(t, e, seed=k).items():
+        for capacity in capacities(t, e, k):
+            for scale in (1.0, 2.5):
+                a = route("deepseek", "torch", logits, k, capacity, policy, bias, route_scale=scale)
+                b = route("deepseek", "numba", logits, k, capacity, policy, bias, route_scale=scale)
+                for f in FIELDS:
+                    assert torch.equal(getattr(a, f), getattr(b, f)), (name, f, capacity, scale)
+
+
+def test_mixtral_weights_are_the_softmax_of_the_chosen_logits():
+    """softmax_after_topk divides the chosen probabilities by their sum: the softmax of the
+    chosen logits up to rounding (checked in float64)."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(300, 64, generator=g) * 4
+    for impl in ("torch", "numba"):
+        r = route("topk", impl, logits, 2, None, "position", softmax_after_topk=True)
+        expert = r.expert_index.view(2, -1).t()
+        weight = r.weight.view(2, -1).t()
+        exact = torch.softmax(logits.double().gather(1, expert), dim=-1)
+        assert torch.allclose(weight.double(), exact, rtol=1e-6, atol=0)
+
+
+def test_fused_normalisation_matches_normalize_weights():
+    g = torch.Generator().manual_seed(9)
+    cases = [torch.rand(100, 40, generator=g), torch.zeros(7, 5), torch.rand(30, 12, generator=g) * 1e-30,
+             torch.randint(0, 3, (40, 9), generator=g).float()]
+    for scores in cases:
+        for k in sorted({1, 2, 3, scores.shape[1]}):
+            expert, weight = kernels.topk_select(scores, k, normalize=True)
+            assert torch.equal(weight, normalize_weights(scores.gather(1, expert)))
+            assert torch.isfinite(weight).all()
+
+
 # ---------------------------------------------------------------- building blocks
 
 
@@ -224,6 +265,17 @@ def test_capacity_kernels_match_keep_within_capacity(a, e, capacity, seed, disti
     want_probs = keep_within_capacity(flat, probs_priority(expert, score).reshape(-1), capacity, e)
     assert torch.equal(kernels.keep_position(expert, capacity, e), want_pos)
     assert torch.equal(kernels.keep_by_score(expert, score, capacity, e), want_probs)
+    # both forms of each kernel (the wrappers pick the parallel one only with >= 4 threads)
+    mod = kernels._load()
+    flat_np, score_np = flat.numpy(), score.reshape(-1).numpy()
+    for fn in (mod.keep_position, mod.keep_position_serial):
+        kept = np.zeros(flat.numel(), np.bool_)
+        fn(flat_np, capacity, e, kept)
+        assert torch.equal(torch.from_numpy(kept), want_pos), fn
+    for fn in (mod.keep_by_score, mod.keep_by_score_serial):
+        kept = np.zeros(flat.numel(), np.bool_)
+        fn(flat_np, score_np, capacity, e, kept)
+        assert torch.equal(torch.from_numpy(kept), want_probs), fn
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

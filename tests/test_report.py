@@ -125,7 +125,7 @@ def test_report_files_and_provenance(run_a, tmp_path):
     assert "Fake CPU 9000" in text and "torch 2.5.0" in text and "deadbeef" in text
     assert "INTERRUPTED" not in text and "INCOMPLETE" not in text
     assert sorted(p.name for p in path.parent.glob("*.csv")) == [
-        "balance.csv", "drops.csv", "skipped.csv", "streams.csv", "throughput.csv"]
+        "balance.csv", "drops.csv", "side_by_side.csv", "skipped.csv", "streams.csv", "throughput.csv"]
 
 
 def test_csvs_have_one_row_per_ok_case_and_router(run_a, tmp_path):
@@ -233,7 +233,7 @@ def test_run_without_streams_or_skips(tmp_path):
     for router in ROUTERS:
         run.append_row({k: v for k, v in _ok_row("x", CASE_A, router).items() if k != "run_id"})
     path = write_report([run.path], tmp_path / "reports")
-    assert sorted(p.name for p in path.parent.glob("*.csv")) == ["balance.csv", "drops.csv", "throughput.csv"]
+    assert sorted(p.name for p in path.parent.glob("*.csv")) == ["balance.csv", "drops.csv", "side_by_side.csv", "throughput.csv"]
     assert "## Streams" not in path.read_text()
     df = load_rows([run.path])
     assert set(df["run_id"]) == {"x"}  # filled in from meta

@@ -17,12 +17,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
-from moebench.errors import WorkloadMismatchError
+from moebench.capacity import CapacitySpec, expert_capacity
+from moebench.dispatch import combine, dispatch
+from moebench.errors import MoebenchError, WorkloadMismatchError
+from moebench.metrics import routing_metrics
 from moebench.routers import RouteContext, RouteInputs, create_router
 from moebench.routers.base_layers import balanced_assignment
 from moebench.routers.hashing import balanced_map, hash_experts
 from moebench.routers.sinkhorn import sinkhorn
 from moebench.routers.soft_moe import make_phi, soft_slots
+from moebench.routing import Routing, SoftSlots
 
 LN3 = math.log(3.0)
 
@@ -199,6 +203,68 @@ def test_sinkhorn_is_shift_invariant_and_stable():
     assert torch.isfinite(huge.weight).all()
 
 
+def reference_sinkhorn_topk(x: torch.Tensor, k: int, tol: float = 1e-4) -> tuple[torch.Tensor, int]:
+    """Megatron's loop in float64 on the row-shifted kernel: (top-k of the row-normalised
+    plan, sorted per token; iterations)."""
+    kernel = torch.exp(x.double() - x.double().max(dim=1, keepdim=True).values)
+    t, e = kernel.shape
+    d1, error, iters = torch.ones(e, dtype=torch.float64), 1e9, 0
+    while error > tol:
+        d0 = (1 / t) / (kernel @ d1)
+        new = (1 / e) / (d0 @ kernel)
+        error, d1, iters = float((d1 - new).abs().mean()), new, iters + 1
+    plan = kernel * d1 * d0[:, None]
+    return torch.sort(torch.topk(plan / plan.sum(1, keepdim=True), k, dim=1).indices, dim=1).values, iters
+
+
+@pytest.mark.parametrize("workload, spread", [("zipf", 1.0), ("zipf", 3.5), ("uniform", 1.0)])
+def test_sinkhorn_selection_matches_a_float64_reference(workload, spread, monkeypatch):
+    from moebench.routers import sinkhorn as sk
+    from moebench.workloads import WORKLOADS, BatchShape
+
+    x = WORKLOADS.create(workload, {}).batch(BatchShape(4096, 16, 32), 3).logits * spread
+    kernel, _, _, iters = sk.sinkhorn_scaling(x)
+    assert kernel.dtype == torch.float32  # spread <= FP32_SPREAD: the kernel is stored in float32
+    expected, ref_iters = reference_sinkhorn_topk(x, 2)
+    # float64 arithmetic: the same stop as the float64 loop (with float32 products the error
+    # floor of the sharp 3.5x logits, ~7e-5, sits at tol and the stop comes iterations late)
+    assert iters == ref_iters
+    r = route("sinkhorn", x, top_k=2)
+    assert torch.equal(torch.sort(r.expert_index.view(2, -1).t(), dim=1).values, expected)
+    # the blocked CPU iteration (many blocks) gives the unblocked one's plan and selection
+    plan, it = sinkhorn(x)
+    monkeypatch.setattr(sk, "BLOCK_ELEMENTS", 16 * 100)  # blocks of 100 rows, the last one short
+    blocked, it_blocked = sinkhorn(x)
+    assert it_blocked == it and torch.allclose(blocked, plan, rtol=1e-5, atol=0)
+    assert torch.equal(route("sinkhorn", x, top_k=2).expert_index, r.expert_index)
+
+
+def test_sinkhorn_wide_logits_use_a_float64_kernel():
+    # a token whose logits span more than FP32_SPREAD: exp(-90) is no normal float32; the
+    # float64 kernel keeps it and balances as before
+    from moebench.routers.sinkhorn import FP32_SPREAD, sinkhorn_scaling
+
+    x = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.5, 0.0], [3.0, 0.0], [90.0, 0.0]])
+    assert float((x.amax(1) - x.amin(1)).max()) > FP32_SPREAD
+    kernel, d0, d1, _ = sinkhorn_scaling(x)
+    assert kernel.dtype == d0.dtype == d1.dtype == torch.float64 and float(kernel[4, 1]) > 0
+    assert torch.equal(reference_sinkhorn_topk(x, 1)[0], route("sinkhorn", x).expert_index[:, None])
+
+
+def test_sinkhorn_bias_selects_on_the_normalised_plan():
+    # the normalised plan is at most 1 per entry: a bias of 1 on expert 1 wins every token;
+    # weights stay sigmoid(x) at the chosen expert (k = 1)
+    x = [[2.0, 0.0], [1.0, 0.0], [0.5, 0.0], [3.0, 0.0]]
+    router = create_router("sinkhorn", {"expert_bias": True})
+    ctx = ctx_for(router, 2)
+    ctx.state.bias[1] = 1.0
+    r = router.route(RouteInputs(logits=torch.tensor(x)), ctx)
+    assert r.expert_index.tolist() == [1, 1, 1, 1]
+    assert torch.allclose(r.weight, torch.full((4,), 0.5))
+    ctx.state.bias[1] = 0.0
+    assert router.route(RouteInputs(logits=torch.tensor(x)), ctx).expert_index.tolist() == [0, 1, 1, 0]
+
+
 # ---------------------------------------------------------------- Hash layers
 
 
@@ -345,6 +411,131 @@ def test_soft_moe_dispatch_and_combine_are_distributions(tokens, experts, slots,
 def test_soft_moe_needs_hidden():
     with pytest.raises(WorkloadMismatchError, match="hidden"):
         route("soft_moe", torch.zeros(4, 2))
+
+
+# ---------------------------------------------------------------- Soft MoE per sequence
+
+
+def soft_routing(soft: SoftSlots, weight: torch.Tensor) -> Routing:
+    t, e = weight.shape
+    return Routing(
+        token_index=torch.arange(t).repeat_interleave(e), expert_index=torch.arange(e).repeat(t),
+        choice=torch.zeros(t * e, dtype=torch.int64), weight=weight.reshape(-1),
+        kept=torch.ones(t * e, dtype=torch.bool), probs=weight, logits=torch.zeros(t, e), top_k=1,
+        capacity=soft.num_sequences * soft.slots_per_expert, soft=soft,
+    )
+
+
+def test_soft_slots_per_sequence_hand_computed():
+    # T=4 in 2 sequences of 2, E=2, S=1: dispatch softmaxes each column over its sequence only
+    x = torch.tensor([[0.0, LN3], [0.0, 0.0], [LN3, 0.0], [0.0, 0.0]])
+    soft, weight = soft_slots(x, 1, sequence_length=2)
+    assert soft.num_sequences == 2 and soft.sequence_length == 2 and soft.blocks(soft.dispatch).shape == (2, 2, 2)
+    assert torch.allclose(soft.dispatch, torch.tensor([[0.5, 0.75], [0.5, 0.25], [0.75, 0.5], [0.25, 0.5]]))
+    assert torch.allclose(soft.combine, torch.tensor([[0.25, 0.75], [0.5, 0.5], [0.75, 0.25], [0.5, 0.5]]))
+    assert torch.allclose(weight, soft.combine)
+    # one-hot hidden: each slot row is its mix of its own sequence's tokens, expert-contiguous
+    # (e0: seq 0, seq 1; then e1: seq 0, seq 1)
+    r = soft_routing(soft, weight)
+    d = dispatch(r, torch.eye(4))
+    assert d.counts.tolist() == [2, 2]
+    assert torch.allclose(d.rows, torch.tensor([[0.5, 0.5, 0, 0], [0, 0, 0.75, 0.25],
+                                                [0.75, 0.25, 0, 0], [0, 0, 0.5, 0.5]]))
+    # identity experts: token 0 = .25 * (.5, .5) + .75 * (.75, .25); tokens never mix across sequences
+    assert torch.allclose(combine(r, d, d.rows), torch.tensor(
+        [[0.6875, 0.3125, 0, 0], [0.625, 0.375, 0, 0], [0, 0, 0.6875, 0.3125], [0, 0, 0.625, 0.375]]))
+
+
+@pytest.mark.parametrize("slots, capacity, top_k", [(2, None, 1), (None, 15, 1), (None, 30, 2), (None, None, 2)])
+def test_soft_moe_sequences_route_like_each_sequence_alone(slots, capacity, top_k):
+    g = torch.Generator().manual_seed(5)
+    n, b, e, dim = 8, 3, 4, 6
+    hidden, logits = torch.randn(n * b, dim, generator=g) * 3, torch.randn(n * b, e, generator=g)
+    params = {"sequence_length": n, "phi_seed": 2}
+    if slots is not None:
+        params["slots_per_expert"] = slots
+    batch = route("soft_moe", logits, params, top_k=top_k, capacity=capacity, hidden=hidden)
+    s = batch.soft.slots_per_expert
+    # S per sequence: cf*n/E from the batch's capacity (15 = ceil(1.25*24/4) -> 15 // 3 = 5), or ceil(n/E)
+    assert s == {(2, None, 1): 2, (None, 15, 1): 5, (None, 30, 2): 5, (None, None, 2): 2}[(slots, capacity, top_k)]
+    assert batch.soft.dispatch.shape == (n * b, e * s) and batch.capacity == b * s
+    d = dispatch(batch, hidden)
+    assert d.rows.shape == (e * b * s, dim) and d.counts.tolist() == [b * s] * e
+    # experts: a different linear map per expert, so a mix-up of slots shows in the output
+    scale = torch.arange(1.0, e + 1).repeat_interleave(b * s)[:, None]
+    out = combine(batch, d, d.rows * scale)
+    for i in range(b):
+        rows = slice(i * n, (i + 1) * n)
+        alone = route("soft_moe", logits[rows], {"slots_per_expert": s, "phi_seed": 2}, top_k=top_k,
+                      hidden=hidden[rows])
+        assert alone.soft.num_sequences == 1
+        assert torch.allclose(batch.soft.dispatch[rows], alone.soft.dispatch, atol=1e-6)
+        assert torch.allclose(batch.soft.combine[rows], alone.soft.combine, atol=1e-6)
+        assert torch.allclose(batch.probs[rows], alone.probs, atol=1e-6)
+        assert torch.equal(batch.choice.view(-1, e)[rows], alone.choice.view(-1, e))
+        da = dispatch(alone, hidden[rows])
+        for x in range(e):  # expert x's rows: its S slots of sequence 0, then of sequence 1, ...
+            got = d.rows[x * b * s:(x + 1) * b * s][i * s:(i + 1) * s]
+            assert torch.allclose(got, da.rows[x * s:(x + 1) * s], atol=1e-5)
+        scale_a = torch.arange(1.0, e + 1).repeat_interleave(s)[:, None]
+        assert torch.allclose(out[rows], combine(alone, da, da.rows * scale_a), atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(n=st.integers(1, 12), b=st.integers(1, 5), experts=st.integers(1, 6), slots=st.one_of(st.none(), st.integers(1, 3)),
+       scale=st.sampled_from([0.1, 1.0, 30.0]), seed=st.integers(0, 1000))
+def test_soft_moe_sequences_dispatch_and_combine_are_distributions(n, b, experts, slots, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n * b, 5, generator=g)
+    params = {"sequence_length": n, "scale": scale, "slots_per_expert": slots}
+    r = route("soft_moe", torch.randn(n * b, experts, generator=g), params, capacity=None, hidden=hidden)
+    s = r.soft.slots_per_expert
+    # within each sequence every slot's column sums to 1; every token's row sums to 1
+    assert torch.allclose(r.soft.blocks(r.soft.dispatch).sum(1), torch.ones(b, experts * s), atol=1e-5)
+    assert torch.allclose(r.soft.combine.sum(1), torch.ones(n * b), atol=1e-5)
+    assert torch.allclose(r.kept_weight_per_token(), torch.ones(n * b), atol=1e-5)
+    d = dispatch(r, hidden)
+    # a constant hidden state stays constant through dispatch and combine (convex mixes)
+    ones = torch.ones(n * b, 5)
+    d1 = dispatch(r, ones)
+    assert torch.allclose(d1.rows, torch.ones(experts * b * s, 5), atol=1e-5)
+    assert torch.allclose(combine(r, d1, d1.rows), ones, atol=1e-5)
+    assert torch.isfinite(combine(r, d, d.rows)).all()
+    m = routing_metrics(r)
+    assert m["drop_rate"] == 0.0 and m["token_drop_rate"] == 0.0
+
+
+def test_soft_moe_sequence_cost_is_linear_in_tokens():
+    # fixed n: S and so the per-token width E*S stay fixed, the matrices grow as T (not T^2)
+    e, n = 8, 64
+    sizes, plain = [], []
+    for t in (256, 1024):
+        g = torch.Generator().manual_seed(t)
+        hidden, logits = torch.randn(t, 16, generator=g), torch.randn(t, e, generator=g)
+        capacity = expert_capacity(CapacitySpec(1.25), t, e, 2)
+        r = route("soft_moe", logits, {"sequence_length": n}, top_k=2, capacity=capacity, hidden=hidden)
+        assert r.soft.slots_per_expert == 10  # round(1.25 * 64 / 8)
+        d = dispatch(r, hidden)
+        sizes.append((r.soft.dispatch.numel(), r.soft.combine.numel(), d.rows.shape[0], r.token_index.numel()))
+        whole = route("soft_moe", logits, {}, top_k=2, capacity=capacity, hidden=hidden)
+        plain.append(whole.soft.dispatch.numel())
+    assert all(b == 4 * a for a, b in zip(*sizes))  # 4x the tokens: 4x every size
+    assert plain[1] == 16 * plain[0]  # one sequence: S ~ cf*T/E, so T * E*S grows 16x
+
+
+def test_soft_moe_sequence_length_must_divide_the_batch():
+    with pytest.raises(WorkloadMismatchError, match="does not divide"):
+        route("soft_moe", torch.zeros(10, 2), {"sequence_length": 4}, hidden=torch.zeros(10, 3))
+    assert create_router("soft_moe", {}).check() is None
+    with pytest.raises(MoebenchError, match="sequence_length"):
+        create_router("soft_moe", {"sequence_length": 0})
+    # n = T is one sequence: the same routing as the default
+    g = torch.Generator().manual_seed(1)
+    hidden, logits = torch.randn(12, 4, generator=g), torch.randn(12, 3, generator=g)
+    one = route("soft_moe", logits, {"sequence_length": 12}, capacity=5, hidden=hidden)
+    plain = route("soft_moe", logits, {}, capacity=5, hidden=hidden)
+    assert one.soft.num_sequences == 1 and one.capacity == plain.capacity == 5
+    assert torch.equal(one.soft.dispatch, plain.soft.dispatch) and torch.equal(one.soft.combine, plain.soft.combine)
 
 
 # ---------------------------------------------------------------- determinism (all four)

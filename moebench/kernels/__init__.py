@@ -15,10 +15,13 @@ argument of `dispatch`/`combine`, never an environment variable.
   softmax, so it costs nothing extra.
 - `keep_position`, `keep_by_score`: capacity under the `position` and `probs` drop policies,
   O(A + blocks * E) (counting passes), instead of two sorts of the A = k*T assignments.
-- `dispatch_order`: dispatch's expert-contiguous order by a counting sort instead of nonzero +
-  a stable sort (the row copy itself stays torch's index_select: it runs at memcopy speed).
+- `dispatch_rows`: dispatch as a counting pass plus one parallel scatter pass that writes each
+  kept row, its token and its weight straight to its expert-contiguous slot, instead of
+  nonzero + a stable sort + three gathers (index_select alone took 1.7-3x a copy_ of its
+  output, and each torch op after a kernel waits for torch's thread pool to wake up).
 - `combine_rows`: combine in one parallel pass over tokens, without the [N, d] temporary of
   `rows * weight[:, None]` and without index_add_ (several times a memcopy on CPU).
+The dispatch/combine kernels live in `_numba_dispatch`.
 
 numba is imported on first use, so `import moebench` stays fast; kernels compile on their
 first call (cached on disk afterwards). They run on `torch.get_num_threads()` threads, so
@@ -123,29 +126,43 @@ def _np(x: torch.Tensor):
     return x.detach().contiguous().numpy()
 
 
-def topk_select(scores: torch.Tensor, k: int, bias: torch.Tensor | None = None):
+def topk_select(scores: torch.Tensor, k: int, bias: torch.Tensor | None = None, normalize: bool = False):
     """(expert <int64>[T, k], weight <float32>[T, k]) for scores <float32>[T, E].
 
     expert: the k largest ``scores + bias`` per row, descending, ties -> lowest index first
     (= ``torch.sort(scores + bias, dim=-1, descending=True, stable=True).indices[:, :k]``).
-    weight: ``scores.gather(1, expert)`` (the bias selects, it never weighs). NaN-free input.
+    weight: ``scores.gather(1, expert)`` (the bias selects, it never weighs), and with
+    ``normalize`` then ``moebench.routers.base.normalize_weights`` of it. NaN-free input.
+    Both are transposed views of rank-major [k, T] storage (``expert.t()`` is contiguous),
+    the layout `TokenChoiceRouter.finish` consumes, so it needs no copy.
     """
     t, e = scores.shape
     mod = _kernels(t * e)
     if not 1 <= k <= e:
         raise ValueError(f"top_k must be in [1, {e}], got {k}")
-    expert = torch.empty(t, k, dtype=torch.int64)
-    weight = torch.empty(t, k, dtype=torch.float32)
+    expert = torch.empty(k, t, dtype=torch.int64)
+    weight = torch.empty(k, t, dtype=torch.float32)
     if t == 0:
-        return expert, weight
+        return expert.t(), weight.t()
     has_bias = bias is not None
     b = _np(bias.float()) if has_bias else _np(torch.zeros(e))
     s = _np(scores)
     if k <= 8:  # k SIMD max reductions over packed (score, -index) keys
-        mod.topk_select_packed(s, s.view(np.int32), b, has_bias, k, expert.numpy(), weight.numpy())
+        mod.topk_select_packed(s, s.view(np.int32), b, has_bias, k, normalize, expert.numpy(), weight.numpy())
     else:  # one insertion pass per row: fewer operations once k is large
-        mod.topk_select_insertion(s, b, has_bias, k, expert.numpy(), weight.numpy())
-    return expert, weight
+        mod.topk_select_insertion(s, b, has_bias, k, normalize, expert.numpy(), weight.numpy())
+    return expert.t(), weight.t()
+
+
+def _parallel_pays(work: int) -> bool:
+    """Whether a capacity kernel should run its parallel (two-pass) form: each parallel loop
+    costs ~50 us to launch on numba's workqueue, and the serial form is one ~1 ns/element
+    pass, so splitting pays only with many threads and much work."""
+    return work >= PARALLEL_CAPACITY_MIN_WORK and torch.get_num_threads() >= 4
+
+
+# Assignments from which the capacity kernels go parallel (with >= 4 threads).
+PARALLEL_CAPACITY_MIN_WORK = 1 << 19
 
 
 def keep_position(expert: torch.Tensor, capacity: int, num_experts: int) -> torch.Tensor:
@@ -154,7 +171,8 @@ def keep_position(expert: torch.Tensor, capacity: int, num_experts: int) -> torc
     mod = _kernels(expert.numel())
     kept = torch.empty(expert.numel(), dtype=torch.bool)
     if expert.numel():
-        mod.keep_position(_np(expert.reshape(-1)), int(capacity), int(num_experts), kept.numpy())
+        fn = mod.keep_position if _parallel_pays(expert.numel()) else mod.keep_position_serial
+        fn(_np(expert.reshape(-1)), int(capacity), int(num_experts), kept.numpy())
     return kept
 
 
@@ -164,25 +182,72 @@ def keep_by_score(expert: torch.Tensor, score: torch.Tensor, capacity: int, num_
     mod = _kernels(expert.numel())
     kept = torch.empty(expert.numel(), dtype=torch.bool)
     if expert.numel():
-        mod.keep_by_score(_np(expert.reshape(-1)), _np(score.reshape(-1).float()), int(capacity),
-                          int(num_experts), kept.numpy())
+        fn = mod.keep_by_score if _parallel_pays(expert.numel()) else mod.keep_by_score_serial
+        fn(_np(expert.reshape(-1)), _np(score.reshape(-1).float()), int(capacity), int(num_experts), kept.numpy())
     return kept
 
 
-def dispatch_order(kept: torch.Tensor, expert: torch.Tensor, num_experts: int):
-    """(picked <int64>[N], counts <int64>[E]): the kept assignments sorted stably by expert
-    (= ``kept.nonzero()[sort(expert[kept], stable=True)]``) and each expert's row count."""
-    mod = _kernels(expert.numel())
-    if expert.numel() == 0:
-        return torch.zeros(0, dtype=torch.int64), torch.zeros(num_experts, dtype=torch.int64)
-    picked, counts = mod.dispatch_order(_np(kept), _np(expert), int(num_experts))
-    return torch.from_numpy(picked), torch.from_numpy(counts)
+def _dispatch_kernels(work: int):
+    """`_kernels` (threads set for ``work``), but the dispatch/combine module."""
+    _kernels(work)
+    from moebench.kernels import _numba_dispatch
+
+    return _numba_dispatch
+
+
+# Same-size integer dtypes: dispatch copies rows (and weights) as bits, so one kernel serves
+# every dtype numpy lacks (bfloat16, float8) and copies NaN payloads unchanged.
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(x: torch.Tensor):
+    """A numpy view of x's elements as same-size integers (strides kept: no copy)."""
+    return x.detach().view(_BITS[x.element_size()]).numpy()
+
+
+def dispatch_rows(kept: torch.Tensor, expert: torch.Tensor, token: torch.Tensor, weight: torch.Tensor,
+                  hidden: torch.Tensor, num_experts: int):
+    """(rows <dtype>[N, d], token <int64>[N], weight <weight's dtype>[N], counts <int64>[E]) for
+    the assignments kept <bool>[A], expert <int64>[A], token <int64>[A], weight [A] and hidden
+    <dtype>[T, d] (any strides): the kept assignments sorted stably by expert, i.e. with
+    ``picked = kept.nonzero()[sort(expert[kept], stable=True)]``: ``hidden[token[picked]]``,
+    ``token[picked]``, ``weight[picked]`` and ``bincount(expert[kept], minlength=E)``.
+
+    Raises IndexError for a kept assignment whose expert is outside [0, E) or token outside
+    [0, T) (the torch path raises, or counts it in a longer ``counts``).
+    """
+    a = expert.numel()
+    d = hidden.shape[1]
+    mod = _dispatch_kernels(a * max(1, d))
+    kept_, expert_ = _np(kept.reshape(-1)), _np(expert.reshape(-1))
+    offset, count, bad = mod.dispatch_counts(kept_, expert_, int(num_experts))
+    if bad:
+        raise IndexError(f"dispatch: {bad} kept assignments have an expert outside [0, {num_experts})")
+    n = int(count.sum())
+    token_out = torch.empty(n, dtype=token.dtype)
+    weight_out = torch.empty(n, dtype=weight.dtype)
+    by_bits = not hidden.dtype.is_complex and hidden.element_size() in _BITS  # else index_select below
+    rows = torch.empty(n, d if by_bits else 0, dtype=hidden.dtype)
+    src = _bits(hidden) if by_bits else np.empty((hidden.shape[0], 0), np.int8)
+    dst = _bits(rows) if by_bits else np.empty((n, 0), np.int8)
+    bad = mod.dispatch_rows(kept_, expert_, _np(token.reshape(-1)), _bits(weight.reshape(-1).contiguous()), src,
+                            offset, token_out.numpy(), _bits(weight_out), dst)
+    if bad:
+        raise IndexError(f"dispatch: {bad} kept assignments have a token outside [0, {hidden.shape[0]})")
+    if not by_bits:
+        rows = hidden.index_select(0, token_out)
+    return rows, token_out, weight_out, torch.from_numpy(count)
 
 
 def combine_rows(token_index: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """``zeros(T, d).index_add_(0, token_index, rows * weight[:, None])`` for float32 rows."""
-    mod = _kernels(rows.numel())
+    """``zeros(T, d).index_add_(0, token_index, rows * weight[:, None])`` for float32 rows
+    <float32>[N, d] (any strides), token_index <int64>[N], weight <float32>[N]: <float32>[T, d].
+
+    Raises IndexError for a token outside [0, T).
+    """
+    mod = _dispatch_kernels(rows.numel())
     out = torch.empty(num_tokens, rows.shape[1], dtype=rows.dtype)
-    if out.numel():
-        mod.combine_rows(_np(token_index), _np(weight), _np(rows), out.numpy())
+    bad = mod.combine_rows(_np(token_index), _np(weight), rows.detach().numpy(), out.numpy())
+    if bad:
+        raise IndexError(f"combine: {bad} rows have a token outside [0, {num_tokens})")
     return out

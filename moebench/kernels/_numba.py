@@ -22,11 +22,27 @@ _NEG_ZERO_BITS = np.int32(-2147483648)  # 0x80000000, the bits of -0.0
 _GONE = np.int64(-9223372036854775808)  # below every packed key
 
 
+_TINY = np.float32(1e-20)
+
+
+@njit(**_OPTS)
+def _normalize_column(weight, t):
+    """weight[:, t] /= max(sum, 1e-20), the sum taken in rank order in float32: exactly
+    `moebench.routers.base.normalize_weights` (the torch path), operation for operation."""
+    total = weight[0, t]
+    for j in range(1, weight.shape[0]):
+        total += weight[j, t]
+    total = max(total, _TINY)
+    for j in range(weight.shape[0]):
+        weight[j, t] = weight[j, t] / total
+
+
 @njit(parallel=True, **_OPTS)
-def topk_select_packed(scores, bits, bias, has_bias, k, expert, weight):
+def topk_select_packed(scores, bits, bias, has_bias, k, normalize, expert, weight):
     """Per row of scores <f32>[T, E]: the k largest (scores + bias), descending, ties -> lowest
-    index first. Writes expert <i64>[T, k] and weight <f32>[T, k] = scores at those experts.
-    ``bits`` is ``scores`` viewed as int32.
+    index first. Writes expert <i64>[k, T] and weight <f32>[k, T] = scores at those experts,
+    rank-major (the layout capacity and Routing consume); with ``normalize``, each token's k
+    weights divided by their sum (see `_normalize_column`). ``bits`` is ``scores`` as int32.
 
     Each score becomes one int64 whose order is (score, -index): the float's bits turned into
     an order-preserving int32 (-0.0 folded into +0.0, so keys are equal exactly when the floats
@@ -61,12 +77,14 @@ def topk_select_packed(scores, bits, bias, has_bias, k, expert, weight):
                     best = max(best, packed[e])
                 first = last - (best & np.int64(0xFFFFFFFF))
                 packed[first] = _GONE
-                expert[t, j] = first
-                weight[t, j] = scores[t, first]
+                expert[j, t] = first
+                weight[j, t] = scores[t, first]
+            if normalize:
+                _normalize_column(weight, t)
 
 
 @njit(parallel=True, **_OPTS)
-def topk_select_insertion(scores, bias, has_bias, k, expert, weight):
+def topk_select_insertion(scores, bias, has_bias, k, normalize, expert, weight):
     """What `topk_select_packed` computes, by one insertion pass over E per row (strict > keeps
     the earlier expert ahead on ties). For many picks (k > 8)."""
     t_total, e_total = scores.shape
@@ -99,8 +117,10 @@ def topk_select_insertion(scores, bias, has_bias, k, expert, weight):
                     idx[j] = e
                     last = vals[k - 1]
             for j in range(k):
-                expert[t, j] = idx[j]
-                weight[t, j] = scores[t, idx[j]]
+                expert[j, t] = idx[j]
+                weight[j, t] = scores[t, idx[j]]
+            if normalize:
+                _normalize_column(weight, t)
 
 
 @njit(parallel=True, **_OPTS)
@@ -185,61 +205,66 @@ def keep_by_score(expert, score, capacity, num_experts, kept):
         return
     order, start, count = _bucket(expert, over[expert], num_experts)
     for e in prange(num_experts):
-        s0 = start[e]
-        n = count[e]
-        if n == 0:
-            continue
-        if capacity <= 0:
-            continue  # (already False)
-        vals = np.empty(n, np.float32)
-        for i in range(n):
-            vals[i] = score[order[s0 + i]]
-        threshold = np.partition(vals, n - capacity)[n - capacity]  # the capacity-th largest
-        above = 0
-        for i in range(n):
-            if vals[i] > threshold:
-                above += 1
-        ties_left = capacity - above  # ties at the threshold are served in position order
-        for i in range(n):
-            v = vals[i]
-            if v > threshold:
-                kept[order[s0 + i]] = True
-            elif v == threshold and ties_left > 0:
-                kept[order[s0 + i]] = True
-                ties_left -= 1
+        _keep_best(order[start[e]:start[e] + count[e]], score, capacity, kept)
 
 
 @njit(**_OPTS)
-def dispatch_order(kept, expert, num_experts):
-    """(picked <i64>[N], count <i64>[E]): kept assignments sorted stably by expert."""
-    order, _, count = _bucket(expert, kept, num_experts)
-    return order, count
+def _keep_best(members, score, capacity, kept):
+    """Set kept[a] for the `capacity` best of the assignments ``members`` <i64>[n] (ascending
+    a) by score, ties -> lower a; the rest are left as they are (False)."""
+    n = members.size
+    if n == 0 or capacity <= 0:
+        return
+    vals = np.empty(n, np.float32)
+    for i in range(n):
+        vals[i] = score[members[i]]
+    threshold = np.partition(vals, n - capacity)[n - capacity]  # the capacity-th largest
+    above = 0
+    for i in range(n):
+        if vals[i] > threshold:
+            above += 1
+    ties_left = capacity - above  # ties at the threshold are served in position order
+    for i in range(n):
+        v = vals[i]
+        if v > threshold:
+            kept[members[i]] = True
+        elif v == threshold and ties_left > 0:
+            kept[members[i]] = True
+            ties_left -= 1
 
 
-@njit(parallel=True, **_OPTS)
-def combine_rows(token_index, weight, rows, out):
-    """out[t, :] = sum over rows r of token t, in ascending r, of weight[r] * rows[r, :],
-    starting from 0 (what zeros().index_add_(0, token_index, rows * weight[:, None]) computes)."""
-    n, d = rows.shape
-    t_total = out.shape[0]
-    first = np.zeros(t_total + 1, np.int64)
-    for r in range(n):
-        first[token_index[r] + 1] += 1
-    for t in range(t_total):
-        first[t + 1] += first[t]
-    fill = first[:-1].copy()
-    members = np.empty(n, np.int64)
-    for r in range(n):
-        t = token_index[r]
-        members[fill[t]] = r
-        fill[t] += 1
-    for t in prange(t_total):
-        acc = out[t]
-        for c in range(d):
-            acc[c] = 0.0
-        for i in range(first[t], first[t + 1]):
-            r = members[i]
-            w = weight[r]
-            src = rows[r]
-            for c in range(d):
-                acc[c] += src[c] * w
+@njit(**_OPTS)
+def keep_position_serial(expert, capacity, num_experts, kept):
+    """`keep_position` in one pass on the calling thread (no launch cost: ~1 ns/assignment)."""
+    seen = np.zeros(num_experts, np.int64)
+    for a in range(expert.size):
+        e = expert[a]
+        kept[a] = seen[e] < capacity
+        seen[e] += 1
+
+
+@njit(**_OPTS)
+def keep_by_score_serial(expert, score, capacity, num_experts, kept):
+    """`keep_by_score` on the calling thread: count, keep every assignment of the experts
+    within capacity, bucket the rest by expert (counting sort) and partition each bucket."""
+    a_total = expert.size
+    count = np.zeros(num_experts, np.int64)
+    for a in range(a_total):
+        count[expert[a]] += 1
+    over = count > capacity
+    for a in range(a_total):
+        kept[a] = not over[expert[a]]
+    if not over.any():
+        return
+    start = np.zeros(num_experts + 1, np.int64)
+    for e in range(num_experts):
+        start[e + 1] = start[e] + (count[e] if over[e] else 0)
+    order = np.empty(start[num_experts], np.int64)
+    pos = start[:-1].copy()
+    for a in range(a_total):
+        e = expert[a]
+        if over[e]:
+            order[pos[e]] = a
+            pos[e] += 1
+    for e in range(num_experts):
+        _keep_best(order[start[e]:start[e + 1]], score, capacity, kept)

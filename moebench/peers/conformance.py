@@ -153,7 +153,8 @@ PAIRS: tuple[Pair, ...] = (
          ("peer:megatron.topk", {"score_function": "sigmoid"}), 2, {"probs": "weight"},
          "sigmoid scores renormalised over the top-k", dropless=False),
     Pair("megatron sinkhorn", ("sinkhorn", {}), ("peer:megatron.sinkhorn", {}), 2, {"probs": "weight"},
-         "Megatron's Sinkhorn runs in fp32 without a row shift; moebench's in fp64 with one"),
+         "Megatron's Sinkhorn runs in fp32 without a row shift; moebench's shifts each row by its max, "
+         "stores exp in fp32 and iterates in fp64"),
     Pair("deepspeed topkgating vs topk renormalised",
          ("topk", {"renormalize": True, "renormalize_after_drop": True}), ("peer:deepspeed.topkgating", {}), 2,
          {"probs": "raw_prob", "position": "token_order"},

@@ -14,7 +14,7 @@ from typing import ClassVar, Literal
 import torch
 
 from moebench import kernels
-from moebench.drop_policies import get_drop_policy, keep_within_capacity
+from moebench.drop_policies import fast_keep, get_drop_policy, keep_within_capacity
 from moebench.routing import Routing
 
 
@@ -126,14 +126,17 @@ class TokenChoiceRouter(Router):
             return scores + ctx.state.bias
         return scores
 
-    def choose(self, scores: torch.Tensor, k: int, ctx: RouteContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """(expert <int64>[T, k], scores.gather(1, expert)): the k highest selection scores
-        (scores + bias) of each token, highest first, ties -> lowest expert index."""
+    def choose(self, scores: torch.Tensor, k: int, ctx: RouteContext,
+               normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expert <int64>[T, k], weight <float32>[T, k]): the k highest selection scores
+        (scores + bias) of each token, highest first, ties -> lowest expert index, and
+        weight = scores.gather(1, expert), passed through `normalize_weights` if asked."""
         if kernels.use_numba(self.impl, scores):
             bias = ctx.state.bias if ctx.state is not None else None
-            return kernels.topk_select(scores, k, bias)
+            return kernels.topk_select(scores, k, bias, normalize=normalize)
         expert = top_k_experts(self.selection_scores(scores, ctx), k)
-        return expert, scores.gather(1, expert)
+        weight = scores.gather(1, expert)
+        return expert, normalize_weights(weight) if normalize else weight
 
     def finish(
         self,
@@ -153,17 +156,18 @@ class TokenChoiceRouter(Router):
             decline a 2nd expert); inactive ones are not assignments at all. Default: all.
         """
         t, k = expert.shape
-        # [k, T]: rank-major, the `position` order (stacking columns: ~6x faster than .t().contiguous())
-        expert_kt = torch.stack(expert.unbind(1))
-        weight_kt = torch.stack(weight.float().unbind(1))
+        # [k, T]: rank-major, the `position` order. The numba selection already stores it so
+        # (then .t() is free); else stack columns (~6x faster than .t().contiguous()).
+        expert_kt = _rank_major(expert)
+        weight_kt = _rank_major(weight.float())
         device = expert.device
         token_kt = torch.arange(t, device=device).expand(k, t)
         choice_kt = torch.arange(k, device=device)[:, None].expand(k, t)
-        fast_keep = _FAST_KEEP.get(ctx.drop_policy) if active is None and priority_scores is None else None
+        keep_kernel = fast_keep(ctx.drop_policy) if active is None and priority_scores is None else None
         if ctx.capacity is None:
             kept_kt = torch.ones_like(expert_kt, dtype=torch.bool)
-        elif fast_keep is not None and kernels.use_numba(self.impl, expert_kt, weight_kt):
-            kept_kt = fast_keep(expert_kt, weight_kt, ctx.capacity, probs.shape[1]).view(k, t)
+        elif keep_kernel is not None and kernels.use_numba(self.impl, expert_kt, weight_kt):
+            kept_kt = keep_kernel(expert_kt, weight_kt, ctx.capacity, probs.shape[1]).view(k, t)
         else:
             ranked = weight_kt if priority_scores is None else priority_scores.t()
             priority = get_drop_policy(ctx.drop_policy)(expert_kt, ranked, ctx.generator).reshape(-1)
@@ -197,11 +201,23 @@ class TokenChoiceRouter(Router):
         )
 
 
-# numba capacity kernels, exactly `keep_within_capacity` under these policies' priorities
-_FAST_KEEP = {
-    "position": lambda expert, score, capacity, e: kernels.keep_position(expert, capacity, e),
-    "probs": kernels.keep_by_score,
-}
+def _rank_major(x: torch.Tensor) -> torch.Tensor:
+    """<dtype>[k, T] contiguous from x <dtype>[T, k]."""
+    xt = x.t()
+    return xt if xt.is_contiguous() else torch.stack(x.unbind(1))
+
+
+def normalize_weights(weight: torch.Tensor) -> torch.Tensor:
+    """<float32>[T, k]: each token's weights divided by their sum (clamped at 1e-20).
+
+    The sum is taken column by column in rank order, so the numba selection kernel (which
+    fuses this step) computes the same floats; for the small k of routing this is also faster
+    than a reduction over the last dim.
+    """
+    total = weight[:, 0]
+    for j in range(1, weight.shape[1]):
+        total = total + weight[:, j]
+    return weight / total.clamp_min(1e-20)[:, None]
 
 
 def top_k_experts(scores: torch.Tensor, k: int) -> torch.Tensor:

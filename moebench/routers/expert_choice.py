@@ -17,6 +17,10 @@ from moebench.routing import Routing
 class ExpertChoice(Router):
     """Each expert takes the C tokens with the highest p[t, e], p = softmax(x) over experts.
 
+    logits <float>[T, E] -> E*C assignments, expert-major: expert e's C tokens by descending
+    p[t, e] (choice = that rank; order among equal p is torch.topk's). Cost: per expert an
+    O(T) selection over its column and an O(C log C) sort of the chosen, O(T*E + cf*k*T*log C).
+
     C is the case's capacity (ceil(cf * k * T / E): the same slots token choice gets, i.e.
     ROUTERS.md's EC capacity with cf_EC = cf * k mean experts per token). Dropless cases use
     cf = 1 per choice, C = ceil(k * T / E). Combine weight of (t, e) is p[t, e].

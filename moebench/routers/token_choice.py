@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from moebench.routers.base import RouteContext, RouteInputs, TokenChoiceRouter
+from moebench.routers.base import RouteContext, RouteInputs, TokenChoiceRouter, normalize_weights, top_k_experts
 from moebench.routers.registry import register
 from moebench.routing import Routing
 
@@ -34,7 +34,8 @@ class TopK(TokenChoiceRouter):
     """General token choice: pick the k experts with the highest score (+ bias).
 
     score: softmax or sigmoid of the logits.
-    softmax_after_topk: weights = softmax over the k chosen logits (Mixtral); needs softmax.
+    softmax_after_topk: weights = softmax over the k chosen logits (Mixtral), computed as the
+        chosen softmax probabilities divided by their sum (equal up to rounding); needs softmax.
     renormalize: divide the k weights by their sum (Qwen-MoE `norm_topk_prob`).
     route_scale: multiply the weights (DeepSeek-V3 `routed_scaling_factor`).
     """
@@ -56,11 +57,12 @@ class TopK(TokenChoiceRouter):
     def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:
         logits = inputs.logits.float()
         scores = _score(logits, self.score)
-        expert, weight = self.choose(scores, ctx.top_k, ctx)
-        if self.softmax_after_topk:
-            weight = torch.softmax(logits.gather(1, expert), dim=-1)
-        if self.renormalize:
-            weight = weight / weight.sum(-1, keepdim=True).clamp_min(1e-20)
+        # softmax over the k chosen logits = the chosen probabilities over their sum (how HF
+        # Mixtral computes it); one division instead of a second exp, fused into the selection
+        normalizations = int(self.softmax_after_topk) + int(self.renormalize)
+        expert, weight = self.choose(scores, ctx.top_k, ctx, normalize=normalizations > 0)
+        if normalizations == 2:
+            weight = normalize_weights(weight)
         if self.route_scale != 1.0:
             weight = weight * self.route_scale
         return self.finish(expert, weight, _as_probs(scores, self.score), logits, ctx)
@@ -146,7 +148,7 @@ class GShard(TokenChoiceRouter):
         probs = torch.softmax(logits, dim=-1)
         expert = torch.topk(self.selection_scores(probs, ctx), 2, dim=-1).indices
         gates = probs.gather(1, expert)
-        weight = gates / gates.sum(-1, keepdim=True).clamp_min(1e-20)
+        weight = normalize_weights(gates)
         active = torch.ones_like(expert, dtype=torch.bool)
         if self.second_expert_sampling:
             u = torch.rand(expert.shape[0], generator=ctx.generator, device=logits.device)
@@ -192,15 +194,18 @@ class DeepSeek(TokenChoiceRouter):
         logits = inputs.logits.float()
         t, e = logits.shape
         scores = torch.sigmoid(logits)
-        select = self.selection_scores(scores, ctx)
-        if self.num_groups > 1:
+        if self.num_groups == 1:
+            expert, weight = self.choose(scores, ctx.top_k, ctx, normalize=True)
+        else:
+            select = self.selection_scores(scores, ctx)
             grouped = select.view(t, self.num_groups, e // self.num_groups)
             group_score = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]
             keep = torch.topk(group_score, self.topk_groups, dim=-1).indices
             group_mask = torch.zeros(t, self.num_groups, dtype=torch.bool, device=logits.device)
             group_mask.scatter_(1, keep, True)
             select = select.masked_fill(~group_mask.repeat_interleave(e // self.num_groups, dim=1), float("-inf"))
-        expert = torch.topk(select, ctx.top_k, dim=-1).indices
-        weight = scores.gather(1, expert)
-        weight = weight / weight.sum(-1, keepdim=True).clamp_min(1e-20) * self.route_scale
+            expert = top_k_experts(select, ctx.top_k)
+            weight = normalize_weights(scores.gather(1, expert))
+        if self.route_scale != 1.0:
+            weight = weight * self.route_scale
         return self.finish(expert, weight, _as_probs(scores, "sigmoid"), logits, ctx)
