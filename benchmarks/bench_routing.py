@@ -14,10 +14,11 @@ Rows: a memcopy of the logits (``logits.clone()``, the bound the route phase is 
 like every phase it writes a freshly allocated tensor, so it pays the page faults of a new
 allocation where the allocator hands out fresh pages; ``copy_`` into a preallocated tensor is
 shown beside it),
-torch softmax + topk alone, Megatron-Core's ``topk_routing_with_score_function`` (softmax before
-top-k, like moebench's ``topk``) + ``apply_router_token_dropping`` when megatron-core imports,
-moebench ``topk`` (position and probs drop policies) and ``switch`` through the torch path and
-the numba path, a memcopy of the hidden states [T, d], and dispatch/combine through both paths.
+torch softmax + topk alone, Megatron-Core's ``topk_routing_with_score_function`` +
+``apply_router_token_dropping`` when megatron-core imports, with softmax before top-k (paired
+with moebench's ``topk``) and after it (its default, paired with ``topk_mixtral``), moebench
+``topk``, ``topk_mixtral`` (position and probs drop policies) and ``switch`` through the torch
+path and the numba path, a memcopy of the hidden states [T, d], and dispatch/combine through both paths.
 Then the linearity check: the numba route at several T and E, with the fitted log-log slopes.
 
 Dispatch/combine rows come for every d in ``--hidden`` (a list), each with three memcopies
@@ -108,28 +109,36 @@ def main(argv: list[str] | None = None) -> int:
         pre = add("memcopy logits, preallocated (copy_)", "torch", lambda: logits_out.copy_(logits), copy_logits, "bound")
         add("softmax + topk (no capacity)", "torch", lambda: torch.topk(torch.softmax(logits, -1), k, dim=-1), copy_logits,
             "route", pre)
+        # Megatron's two softmax orders, each paired with the moebench router of the same
+        # semantics: pre-softmax <-> topk, softmax over the chosen logits <-> topk_mixtral
         megatron = {}
         if mu is not None:
-            for policy in ("position", "probs"):
-                def meg(policy=policy):
-                    probs, routing_map = mu.topk_routing_with_score_function(
-                        logits, k, use_pre_softmax=True, score_function="softmax")
-                    return mu.apply_router_token_dropping(probs, routing_map, router_topk=k,
-                                                          capacity_factor=args.capacity_factor, drop_policy=policy)
-                megatron[policy] = add(f"Megatron-Core topk + dropping, {policy}", "megatron-core", meg, copy_logits,
-                                       "route", pre)
+            for pre_softmax, label in ((True, "pre-softmax"), (False, "softmax after top-k")):
+                for policy in ("position", "probs"):
+                    def meg(policy=policy, pre_softmax=pre_softmax):
+                        probs, routing_map = mu.topk_routing_with_score_function(
+                            logits, k, use_pre_softmax=pre_softmax, score_function="softmax")
+                        return mu.apply_router_token_dropping(probs, routing_map, router_topk=k,
+                                                              capacity_factor=args.capacity_factor, drop_policy=policy)
+                    megatron[(pre_softmax, policy)] = add(f"Megatron-Core topk ({label}) + dropping, {policy}",
+                                                          "megatron-core", meg, copy_logits, "route", pre)
         inputs = RouteInputs(logits)
         routed = {}
-        cases = [("topk", k, "position"), ("topk", k, "probs")] + ([("switch", 1, "position")] if k != 1 else [])
-        for name, kk, policy in cases:
+        cases = [("topk", {}, k, "position"), ("topk", {}, k, "probs"),
+                 ("topk_mixtral", {"softmax_after_topk": True}, k, "position"),
+                 ("topk_mixtral", {"softmax_after_topk": True}, k, "probs")]
+        cases += [("switch", {}, 1, "position")] if k != 1 else []
+        for label, params, kk, policy in cases:
+            name = "switch" if label == "switch" else "topk"
             ctx = RouteContext(kk, expert_capacity(CapacitySpec(args.capacity_factor), t, e, kk), policy,
                                torch.Generator().manual_seed(0))
             for impl in ("torch", "numba"):
-                router = create_router(name, {"impl": impl})
-                routed[(name, policy, impl)] = router.route(inputs, ctx)
-                s = add(f"moebench {name}, {policy}", impl, lambda r=router, c=ctx: r.route(inputs, c), copy_logits,
+                router = create_router(name, {**params, "impl": impl})
+                routed[(label, policy, impl)] = router.route(inputs, ctx)
+                s = add(f"moebench {label}, {policy}", impl, lambda r=router, c=ctx: r.route(inputs, c), copy_logits,
                         "route", pre)
-                rows[-1]["megatron"] = megatron.get(policy) if name == "topk" else None
+                pair = {"topk": True, "topk_mixtral": False}.get(label)
+                rows[-1]["megatron"] = megatron.get((pair, policy)) if pair is not None else None
                 rows[-1]["torch_path"] = rows[-2]["stats"] if impl == "numba" else None
                 del s
 

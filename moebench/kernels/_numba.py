@@ -243,28 +243,77 @@ def keep_position_serial(expert, capacity, num_experts, kept):
         seen[e] += 1
 
 
+# Bins of the radix pass of `keep_by_score_serial`: the top bits of an order-preserving key.
+SCORE_BIN_BITS = 12
+
+
+@njit(**_OPTS)
+def _score_bin(bits):
+    """The bin of a float32 (given as its int32 bits): the top SCORE_BIN_BITS of an unsigned
+    key that orders like the float (-0.0 folded into +0.0), so equal floats share a bin and a
+    higher bin holds only higher scores."""
+    key = (bits ^ ((bits >> np.int32(31)) & np.int32(0x7FFFFFFF))) + np.int32(bits == _NEG_ZERO_BITS)
+    return (np.int64(key) + np.int64(2147483648)) >> np.int64(32 - SCORE_BIN_BITS)
+
+
 @njit(**_OPTS)
 def keep_by_score_serial(expert, score, capacity, num_experts, kept):
-    """`keep_by_score` on the calling thread: count, keep every assignment of the experts
-    within capacity, bucket the rest by expert (counting sort) and partition each bucket."""
+    """`keep_by_score` on the calling thread, by a radix select instead of full buckets.
+
+    Count per expert; experts within capacity keep everything. For each overloaded expert, a
+    histogram of its scores' bins gives the bin holding its capacity-th best score: higher
+    bins are kept whole, lower ones dropped, and only the assignments in that one bin are
+    bucketed (in index order) and partitioned for the exact threshold and ties. Experts within
+    capacity share one extra histogram row whose cut is below every bin, so the passes over
+    the assignments have no branch on whether an expert is overloaded (it would mispredict).
+    """
     a_total = expert.size
     count = np.zeros(num_experts, np.int64)
     for a in range(a_total):
         count[expert[a]] += 1
-    over = count > capacity
-    for a in range(a_total):
-        kept[a] = not over[expert[a]]
-    if not over.any():
+    n_over = 0
+    for e in range(num_experts):
+        n_over += count[e] > capacity
+    if n_over == 0:
+        kept[:] = True
         return
-    start = np.zeros(num_experts + 1, np.int64)
+    slot = np.full(num_experts, n_over, np.int64)  # histogram row; n_over = the shared row
+    r = 0
     for e in range(num_experts):
-        start[e + 1] = start[e] + (count[e] if over[e] else 0)
-    order = np.empty(start[num_experts], np.int64)
-    pos = start[:-1].copy()
+        if count[e] > capacity:
+            slot[e] = r
+            r += 1
+    bins = 1 << SCORE_BIN_BITS
+    hist = np.zeros((n_over + 1, bins), np.int64)
+    bits = score.view(np.int32)
     for a in range(a_total):
-        e = expert[a]
-        if over[e]:
-            order[pos[e]] = a
-            pos[e] += 1
+        hist[slot[expert[a]], _score_bin(bits[a])] += 1
+    cut = np.full(n_over + 1, -1, np.int64)  # the bin of each overloaded expert's capacity-th best
+    start = np.zeros(n_over + 1, np.int64)  # its bucket of assignments in the cut bin
+    for r in range(n_over):
+        b = bins - 1
+        above = 0
+        if capacity <= 0:
+            b = bins  # nothing is kept
+        else:
+            while b > 0 and above + hist[r, b] < capacity:
+                above += hist[r, b]
+                b -= 1
+        cut[r] = b
+        start[r + 1] = start[r] + (hist[r, b] if b < bins else 0)
+    members = np.empty(start[n_over], np.int64)
+    fill = start[:n_over].copy()
+    for a in range(a_total):
+        r = slot[expert[a]]
+        b = _score_bin(bits[a])
+        kept[a] = b > cut[r]
+        if b == cut[r]:  # rare: only the cut bins
+            members[fill[r]] = a
+            fill[r] += 1
     for e in range(num_experts):
-        _keep_best(order[start[e]:start[e + 1]], score, capacity, kept)
+        r = slot[e]
+        if r < n_over and cut[r] < bins:
+            above = count[e] - (start[r + 1] - start[r])
+            for b in range(cut[r]):
+                above -= hist[r, b]
+            _keep_best(members[start[r]:start[r + 1]], score, capacity - above, kept)
