@@ -43,6 +43,8 @@ class TimingSpec:
         compiling and capturing happen before the warm-up (see moebench/modes.py).
     cpu_memory: also measure peak memory on CPU (through torch.profiler: ~10-40 ms a phase,
     so off by default; CUDA peak memory is always measured, it is nearly free).
+    cpu_allocator: system (glibc's defaults) or reuse (large blocks kept for reuse instead of
+        fresh pages on every call; see moebench/allocator.py). CPU cases only.
     """
 
     warmup_rounds: int = 3
@@ -53,6 +55,7 @@ class TimingSpec:
     enabled: bool = True
     cpu_memory: bool = False
     mode: str = "eager"
+    cpu_allocator: str = "system"
 
 
 @dataclass(frozen=True)

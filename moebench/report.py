@@ -261,7 +261,9 @@ SECTIONS: list[Section] = [
                   "Per-batch trajectories over each stream: first, last, mean and worst batch."),
     table_section("scaling", "Scaling",
                   "Fitted exponent of median time against T (at fixed E) and against E (at fixed T): "
-                  "the slope of log(ms) on log(axis); 1.0 is linear."),
+                  "the slope of log(ms) on log(axis); 1.0 is linear. `exponent` fits every point, "
+                  "`exponent_top` the three largest, where every tensor is out of cache and "
+                  "allocations of 32 MiB and more get fresh pages on each call."),
     _plots,
     table_section("skipped", "Skipped and failed rows"),
 ]

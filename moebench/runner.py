@@ -14,6 +14,7 @@ from typing import Iterator
 
 import torch
 
+from moebench.allocator import allocator_problem, cpu_allocator
 from moebench.capacity import expert_capacity
 from moebench.case import Case, NamedSpec, TimingSpec
 from moebench.dispatch import combine, dispatch
@@ -56,7 +57,7 @@ def quick_case(case: Case) -> Case:
 
 def quick_timing(timing: TimingSpec) -> TimingSpec:
     return replace(QUICK_TIMING, threads=timing.threads, enabled=timing.enabled, cpu_memory=timing.cpu_memory,
-                   mode=timing.mode)
+                   mode=timing.mode, cpu_allocator=timing.cpu_allocator)
 
 
 def cuda_available() -> bool:
@@ -145,8 +146,10 @@ class CaseRunner:
     def rows(self, routers: list[NamedSpec], skip: set[str] = frozenset()) -> Iterator[RowResult]:
         """One RowResult per router not in ``skip`` (labels already measured)."""
         device_problem = self._device_problem()
-        threads_wanted = self.timing.threads if self.case.device == "cpu" else None
-        with pinned_threads(threads_wanted) as threads:
+        on_cpu = self.case.device == "cpu"
+        threads_wanted = self.timing.threads if on_cpu else None
+        allocator = self.timing.cpu_allocator if on_cpu and not device_problem else "system"
+        with pinned_threads(threads_wanted) as threads, cpu_allocator(allocator):
             for spec in routers:
                 if spec.display in skip:
                     continue
@@ -157,6 +160,7 @@ class CaseRunner:
                     "router_params": spec.params_json(),
                     "threads": threads,
                     "mode": self.timing.mode,
+                    "cpu_allocator": allocator if on_cpu else None,
                     "status": "ok",
                     "reason": None,
                 }
@@ -169,7 +173,12 @@ class CaseRunner:
     def _device_problem(self) -> str | None:
         if self.case.device.startswith("cuda") and not cuda_available():
             return "CUDA is not available on this machine"
-        return mode_problem(self.timing.mode, self.case.device) if self.timing.enabled else None
+        if not self.timing.enabled:
+            return None
+        problem = mode_problem(self.timing.mode, self.case.device)
+        if problem is None and self.case.device == "cpu":
+            problem = allocator_problem(self.timing.cpu_allocator)
+        return problem
 
     def _run_router(self, spec: NamedSpec, row: dict) -> RowResult:
         c = self.case

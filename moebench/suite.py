@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 
+from moebench.allocator import ALLOCATORS
 from moebench.case import Case, NamedSpec, Suite, TimingSpec
 from moebench.drop_policies import DROP_POLICIES
 from moebench.errors import SuiteError, UnknownNameError, did_you_mean
@@ -113,6 +114,7 @@ TIMING: dict[str, Rule] = {
     "enabled": Rule("bool"),
     "cpu_memory": Rule("bool"),
     "mode": Rule("choice", choices=MODES, what="timing mode"),
+    "cpu_allocator": Rule("choice", choices=ALLOCATORS, what="CPU allocator"),
 }
 
 

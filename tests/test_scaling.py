@@ -28,5 +28,14 @@ def test_power_laws_give_their_exponents():
     assert not any(p == "combine" for _, p, _ in got)
 
 
+def test_top_exponent_fits_the_largest_points_only():
+    # flat while cached, then linear: the whole-range slope is below 1, the top one is 1
+    ms = {4096: 1.0, 8192: 1.0, 16384: 1.0, 32768: 2.0, 65536: 4.0, 131072: 8.0}
+    table = scaling_table(pd.DataFrame([_rows("knee", t, 64, v) for t, v in ms.items()]))
+    row = table[(table.router == "knee") & (table.phase == "route")].iloc[0]
+    assert row.exponent < 0.8
+    assert row.exponent_top == pytest.approx(1.0, abs=1e-3)
+
+
 def test_no_rows_no_table():
     assert scaling_table(pd.DataFrame()).empty
