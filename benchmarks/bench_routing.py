@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from moebench import kernels
+from moebench.allocator import ALLOCATORS, cpu_allocator
 from moebench.capacity import CapacitySpec, expert_capacity
 from moebench.case import TimingSpec
 from moebench.dispatch import combine, dispatch
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="few rounds and a small linearity grid")
     ap.add_argument("--no-linearity", action="store_true")
     ap.add_argument("--dispatch-only", action="store_true", help="only the dispatch/combine rows")
+    ap.add_argument("--cpu-allocator", choices=ALLOCATORS, default="system",
+                    help="reuse: large blocks kept for reuse instead of fresh pages per call (moebench/allocator.py)")
     ap.add_argument("--numba-only", action="store_true",
                     help="dispatch/combine through the numba path only (the torch combine is slow at large T*d)")
     args = ap.parse_args(argv)
@@ -98,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     logits = torch.randn(t, e, generator=g)
     mu = megatron_utils()
 
-    with pinned_threads(args.threads) as threads:
+    with pinned_threads(args.threads) as threads, cpu_allocator(args.cpu_allocator):
         print(f"T={t} E={e} k={k} cf={args.capacity_factor} (C={capacity}) fp32, hidden d={args.hidden}; "
-              f"{_versions(threads)}; load average before: {_load()}")
+              f"{_versions(threads)}; cpu_allocator={args.cpu_allocator}; load average before: {_load()}")
         rows: list[dict] = []
         add = _adder(rows, timing, clock)
 
@@ -228,9 +231,9 @@ def dispatch_only(args, timing, clock) -> int:
     rows: list[dict] = []
     add = _adder(rows, timing, clock)
     found: dict[tuple[int, int], dict] = {}
-    with pinned_threads(args.threads) as threads:
+    with pinned_threads(args.threads) as threads, cpu_allocator(args.cpu_allocator):
         print(f"dispatch/combine only: T={args.tokens} E={e} k={k} cf={args.capacity_factor} fp32, "
-              f"d={args.hidden}; {_versions(threads)}; load average before: {_load()}")
+              f"d={args.hidden}; {_versions(threads)}; cpu_allocator={args.cpu_allocator}; load average before: {_load()}")
         router = create_router("topk", {"impl": "numba"})
         for t in args.tokens:
             g = torch.Generator().manual_seed(args.seed)
