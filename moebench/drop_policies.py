@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from moebench import kernels
 from moebench.errors import UnknownNameError
 
 # priority(expert <int64>[k, T], scores <float32>[k, T], generator) -> <int64>[k, T]
@@ -63,22 +64,14 @@ KeepFn = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
 
 
 def _keep_position_kernel(expert, scores, capacity, num_experts):
-    from moebench import kernels
-
-    return kernels.keep_position(expert, capacity, num_experts)
-
-
-def _keep_by_score_kernel(expert, scores, capacity, num_experts):
-    from moebench import kernels
-
-    return kernels.keep_by_score(expert, scores, capacity, num_experts)
+    return kernels.keep_position(expert, capacity, num_experts)  # position ignores the scores
 
 
 # Exact numba forms of `keep_within_capacity(expert, priority(...), ...)`, each registered
 # with the priority it reproduces: a policy whose priority is replaced loses its fast form.
 FAST_KEEP: dict[str, tuple[PriorityFn, KeepFn]] = {
     "position": (position_priority, _keep_position_kernel),
-    "probs": (probs_priority, _keep_by_score_kernel),
+    "probs": (probs_priority, kernels.keep_by_score),
 }
 
 

@@ -14,7 +14,9 @@ argument of `dispatch`/`combine`, never an environment variable.
   selection; exact equality with the torch path is the contract. Routing.probs is that
   softmax, so it costs nothing extra.
 - `keep_position`, `keep_by_score`: capacity under the `position` and `probs` drop policies,
-  O(A + blocks * E) (counting passes), instead of two sorts of the A = k*T assignments.
+  O(A) passes instead of two sorts of the A = k*T assignments: one serial pass for `position`,
+  a radix select for `probs`; a parallel form only with >= 4 threads and much work (each
+  parallel loop costs ~50 us to launch).
 - `dispatch_rows`: dispatch as a counting pass plus one parallel scatter pass that writes each
   kept row, its token and its weight straight to its expert-contiguous slot, instead of
   nonzero + a stable sort + three gathers (index_select alone took 1.7-3x a copy_ of its
