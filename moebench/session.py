@@ -95,6 +95,12 @@ def open_run(suite: Suite, options: RunOptions, cases: list[Case]) -> RunDir:
     return run
 
 
+def case_rows(suite: Suite, case: Case, timing, base_row: dict, skip: set[str]) -> Iterable:
+    """The RowResults of one case, one per router not in ``skip``: the one place where a new
+    kind of case (isolated, trained, parallel) plugs into the run loop."""
+    return CaseRunner(case, timing, base_row).rows(list(suite.routers), skip)
+
+
 def execute(
     suite: Suite,
     options: RunOptions,
@@ -118,8 +124,7 @@ def execute(
     try:  # noqa: SIM105 (the finally records how the run ended)
         for case in progress(cases, len(cases)):
             skip = {label for cid, label in done if cid == case.case_id}
-            runner = CaseRunner(case, timing, {"run_id": run_id, "suite": suite.name})
-            for result in runner.rows(list(suite.routers), skip):
+            for result in case_rows(suite, case, timing, {"run_id": run_id, "suite": suite.name}, skip):
                 # the row goes last: it marks the router done for --resume
                 run.append_batches(result.batches)
                 run.append_loads(result.loads)
