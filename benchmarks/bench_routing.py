@@ -215,7 +215,7 @@ def print_table(rows, no_megatron=False):
                 and previous["what"] == r["what"]:
             tp = previous["stats"]
         meg = r.get("megatron")
-        print(f"| {r['what']} | {r['impl']} | {s.median:.2f} | {s.ci_low:.2f}-{s.ci_high:.2f} | {ratio} | {pre} | "
+        print(f"| {r['what']} | {r['impl']} | {s.median:.2f} | {f'{s.ci_low:.2f}-{s.ci_high:.2f}' if s.has_ci else f'none ({s.rounds} rounds)'} | {ratio} | {pre} | "
               f"{f'{tp.median / s.median:.1f}' if tp else ''} | {f'{meg.median / s.median:.1f}' if meg else ''} |")
         previous = r
     if no_megatron:

@@ -1,24 +1,41 @@
-"""The `moebench` command: thin — parse, call, print. Exit codes: 0 ok, 2 bad input, 130 interrupted."""
+"""The `moebench` command: thin — parse, call, print. Exit codes: 0 ok, 2 bad input (and a
+failed write: full disk, read-only folder), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import shlex
 import sys
 from pathlib import Path
 
 from moebench import __version__
 from moebench.errors import MoebenchError
+from moebench.paths import output_problem, write_output
 
 
 def _cmd_run(args) -> int:
     from tqdm import tqdm
 
-    from moebench.session import RunOptions, execute
+    from moebench.results import WriteError
+    from moebench.session import RunOptions, Terminated, execute, sigterm_as_interrupt
     from moebench.suite import load_suite
 
     suite = load_suite(args.suite)
+    shard = None
+    if args.shard:  # one job of several (Slurm array, CI matrix): moebench/parallel/shards.py
+        from moebench.parallel.shards import parse_shard, shard_suite
+
+        shard = parse_shard(args.shard)
+        suite = shard_suite(suite, *shard)
+    if suite.parallel is not None:  # under torchrun, ranks other than 0 only follow rank 0
+        from moebench.parallel.launch import follow_if_torchrun
+
+        code = follow_if_torchrun(suite)
+        if code is not None:
+            return code
     options = RunOptions(
         results_root=Path(args.results),
         device=args.device,
@@ -26,21 +43,57 @@ def _cmd_run(args) -> int:
         resume=Path(args.resume) if args.resume else None,
         command="moebench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
+    if suite.parallel is None and not shard:  # torchrun: the ranks split the cases (one GPU each)
+        from moebench.parallel.launch import under_torchrun
+
+        if under_torchrun():
+            from moebench.parallel.shards import torchrun_sweep
+
+            return torchrun_sweep(suite, options, args.no_report, Path(args.reports))
     opened = {}
+
+    def on_open(run):
+        opened.setdefault("run", run)
+        if shard:
+            run.update_meta(shard=f"{shard[0]}/{shard[1]}")
 
     def progress(cases, total):
         return tqdm(cases, total=total, desc=suite.name, unit="case", file=sys.stderr)
 
     try:
-        run = execute(suite, options, progress=progress, on_open=lambda r: opened.setdefault("run", r))
-    except KeyboardInterrupt:
+        with sigterm_as_interrupt():
+            run = execute(suite, options, progress=progress, on_open=on_open)
+    except KeyboardInterrupt as exc:
         run = opened.get("run")
         where = f" in {run.path}; continue with --resume {run.path}" if run else ""
-        print(f"moebench: interrupted; every finished row is on disk{where}", file=sys.stderr)
-        return 130
+        what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+        print(f"moebench: {what}; every finished row is on disk{where}", file=sys.stderr)
+        return code
+    except WriteError as exc:
+        run = opened.get("run")
+        where = f"; every finished row is on disk: --resume {run.path} once that is fixed" if run else ""
+        print(f"moebench: error: {exc}{where}", file=sys.stderr)
+        return 2
+    finally:
+        if suite.parallel is not None:
+            from moebench.parallel.launch import release_followers
+
+            release_followers()
     rows = run.rows()
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "error")}
+    counts = {s: sum(r.get("status") == s for r in rows) for s in ("ok", "skipped", "error")}
     print(f"results: {run.path} ({counts['ok']} ok, {counts['skipped']} skipped, {counts['error']} errors)")
+    if not args.no_report:
+        from moebench.report import write_report
+
+        print(f"report: {write_report([run.path], Path(args.reports))}")
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    from moebench.parallel.shards import merge_runs
+
+    run = merge_runs([Path(p) for p in args.runs], Path(args.results))
+    print(f"results: {run.path} ({len(run.rows())} rows from {len(args.runs)} runs)")
     if not args.no_report:
         from moebench.report import write_report
 
@@ -56,12 +109,17 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_validate(args) -> int:
-    from moebench.suite import load_suite
+    from moebench.suite_files import read_suite_file
 
     failed = 0
     for path in args.suites:
         try:
-            suite = load_suite(path)
+            # read (size, file kind, YAML limits) before importing the validator and torch, so
+            # a file refused for what it is is refused at once
+            document, origins = read_suite_file(Path(path), str(path))
+            from moebench.suite import validate_document
+
+            suite = validate_document(document, str(path), origins)
         except MoebenchError as exc:
             print(f"error: {exc}", file=sys.stderr)
             failed += 1
@@ -96,7 +154,7 @@ def _cmd_schema(args) -> int:
 
     text = json.dumps(suite_json_schema(), indent=2) + "\n"
     if args.out:
-        Path(args.out).write_text(text)
+        write_output(args.out, text, "--out")
         print(f"schema: {args.out}")
     else:
         sys.stdout.write(text)
@@ -106,6 +164,11 @@ def _cmd_schema(args) -> int:
 def _cmd_compare(args) -> int:
     from moebench.compare import NoiseRule, compare_runs, format_text, parse_threshold
 
+    _check_output(args.json, "--json")  # before the comparison, not after it
+    for flag, value, low, high in (("--min-diff-ms", args.min_diff_ms, 0.0, math.inf),
+                                   ("--consistency", args.consistency, 0.0, 1.0)):
+        if value is not None and not (math.isfinite(value) and low <= value <= high):
+            raise MoebenchError(f"{flag} {value}: expected a number in [{low:g}, {high:g}]")
     noise = NoiseRule(
         threshold=parse_threshold(args.threshold.rstrip("%") + "%", "--threshold")[0]
         if args.threshold else NoiseRule.threshold,
@@ -116,7 +179,7 @@ def _cmd_compare(args) -> int:
     result = compare_runs(args.a, args.b, fail_on=args.fail_on, metrics=args.metrics, mode=mode, noise=noise)
     sys.stdout.write(format_text(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+        write_output(args.json, json.dumps(result.to_dict(), indent=2, default=str) + "\n", "--json")
         print(f"comparison: {args.json}")
     return result.exit_code
 
@@ -124,6 +187,7 @@ def _cmd_compare(args) -> int:
 def _cmd_export(args) -> int:
     from moebench.export import export_run
 
+    _check_output(args.out, "--out", make_parents=True)
     text, count = export_run(args.run, args.format, args.out)
     if args.out:
         print(f"{args.format}: {args.out} ({count} {'rows' if args.format == 'baseline' else 'benchmarks'})")
@@ -132,9 +196,27 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _check_output(path: str | None, flag: str, make_parents: bool = False) -> None:
+    problem = output_problem(path, make_parents) if path else None
+    if problem:
+        raise MoebenchError(f"{flag} {path}: {problem}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (exit 2) instead of the usage block and the error."""
+
+    def error(self, message: str):
+        message = " ".join(message.split())
+        if len(message) > 300:
+            message = message[:297] + "..."
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moebench", description="Benchmark Mixture-of-Experts routers.")
+    parser = _Parser(prog="moebench", description="Benchmark Mixture-of-Experts routers.")
     parser.add_argument("--version", action="version", version=f"moebench {__version__}")
+    parser.add_argument("--traceback", action="store_true",
+                        help="show the full traceback of an unexpected error (for bug reports)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a suite: results/<suite>/<run-id>/ and a report")
@@ -145,7 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quick", action="store_true", help="smoke run: small sizes, few timing rounds")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run without redoing rows")
     run.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    run.add_argument("--shard", metavar="I/N", help="run only shard I of N (0 <= I < N) of the cases; join with merge")
     run.set_defaults(fn=_cmd_run)
+
+    merge = sub.add_parser("merge", help="join the run folders of a suite's shards into one run")
+    merge.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    merge.add_argument("--results", default="results", help="results root (default: results)")
+    merge.add_argument("--reports", default="reports", help="reports root (default: reports)")
+    merge.add_argument("--no-report", action="store_true", help="skip the report of the merged run")
+    merge.set_defaults(fn=_cmd_merge)
 
     report = sub.add_parser("report", help="write the report of one or more runs")
     report.add_argument("runs", nargs="+", metavar="RUN_DIR")
@@ -186,16 +276,56 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="print the JSON Schema of suite files")
     schema.add_argument("--out", help="write it to this file")
     schema.set_defaults(fn=_cmd_schema)
+
+    from moebench.traces.cli import add_parser as add_trace_parser  # argparse only; recording imports lazily
+
+    add_trace_parser(sub)
     return parser
 
 
+class _Notices(logging.Handler):
+    """The library's warnings (torn lines, duplicate rows, repairs): one line each on stderr,
+    each once per command."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.seen: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = " ".join(record.getMessage().split())
+        if message not in self.seen:
+            self.seen.add(message)
+            print(f"moebench: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    # before anything imports torch: OpenMP threads that sleep instead of spinning, so torch's
+    # and numba's pools do not take each other's cores (moebench/thread_env.py); a user's
+    # OMP_WAIT_POLICY wins, and meta.json records which applied
+    from moebench.thread_env import settle
+
+    settle()
     args = build_parser().parse_args(argv)
+    notices, logger = _Notices(), logging.getLogger("moebench")
+    logger.addHandler(notices)
     try:
         return args.fn(args)
     except MoebenchError as exc:
-        print(f"moebench: error: {exc}", file=sys.stderr)
+        print(f"moebench: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, always
         return 2
     except FileNotFoundError as exc:
         print(f"moebench: error: {exc.filename}: no such file", file=sys.stderr)
         return 2
+    except OSError as exc:  # the backstop for a read or write no command turned into a message
+        where = ": ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        print(f"moebench: error: {where + ': ' if where else ''}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # last backstop: hostile input we did not foresee is one line, not a traceback
+        if args.traceback:
+            raise
+        text = " ".join(str(exc).split())[:300]
+        print(f"moebench: error: unexpected {type(exc).__name__}: {text} "
+              "(a bug or unreadable input; --traceback shows where)", file=sys.stderr)
+        return 2
+    finally:
+        logger.removeHandler(notices)

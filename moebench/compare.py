@@ -5,7 +5,9 @@ A is the reference (old), B the candidate (new); rows match on (case_id, router)
 `changed` for metrics without one, `info` for time columns other than the median.
 
 - Deterministic metrics: equal within rel 1e-6 / abs 1e-9 is `unchanged`, else better or worse.
-- `<phase>.median_ms`: the noise rule (`NoiseRule`, reasons in docs/ci.md). A median is `worse`
+- `<phase>.median_ms`: `not enough rounds` (never a regression) when either side timed too few
+  rounds for a 95% CI of the median (n <= 5: even min-max covers less, 93.8% at n = 5, 75% at
+  n = 3); else the noise rule (`NoiseRule`, reasons in docs/ci.md). A median is `worse`
   when (1) B/A > 1 + threshold, (2) the 95% CIs of the medians do not overlap, (3) B - A >
   min_diff_ms, and (4) at least `consistency` of the router's cases (same phase and device) pass
   (1)-(3), a share that beats the share among all other medians of the device by `margin`: a
@@ -31,9 +33,18 @@ from typing import Any
 from moebench.compare_sides import MODES, Scale, load_side, num, resolve_mode  # noqa: F401 (load_side: API)
 from moebench.errors import MoebenchError, did_you_mean
 from moebench.metrics import METRICS
+from moebench.stats import median_ci_ranks, order_statistic_coverage
 
 METRIC_SETS = ("deterministic", "time", "all")
 REL_TOL, ABS_TOL = 1e-6, 1e-9
+CONFIDENCE = 0.95  # of the CIs of the medians the noise rule compares
+NOT_ENOUGH_ROUNDS = "not enough rounds"
+MIN_CI_ROUNDS = next(n for n in range(1, 100) if median_ci_ranks(n, CONFIDENCE) is not None)  # 6
+
+
+def order_coverage(n: int) -> float:
+    """The most coverage any order-statistic interval of the median of n samples has: (min, max)."""
+    return order_statistic_coverage(n, 1, n) if n > 1 else 0.0
 
 
 @dataclass(frozen=True)
@@ -188,9 +199,25 @@ def _deterministic(v: Verdict) -> None:
         v.verdict = "worse" if _worse_by(v.metric, a, b, False) > 0 else "better"
 
 
+def _too_few_rounds(row: dict, phase: str) -> int | None:
+    """The row's rounds when they are too few for the 95% CI of the median the noise rule
+    compares (n <= 5: no order-statistic interval reaches 95%), else None."""
+    rounds = num(row.get(f"{phase}.rounds"))
+    if rounds is None or rounds < 1:  # no count: judged by its CI, if it has one
+        return None
+    return int(rounds) if median_ci_ranks(int(rounds), CONFIDENCE) is None else None
+
+
 def _median(v: Verdict, row_a: dict, row_b: dict, sa: Scale, sb: Scale, noise: NoiseRule, gate: Gate | None):
     """Conditions (1)-(3) of the noise rule for one row; (4) is :func:`_consistency`."""
     phase, a, b = v.metric.split(".")[0], v.a, v.b
+    few = {side: _too_few_rounds(row, phase) for side, row in (("A", row_a), ("B", row_b))}
+    if a is not None and b is not None and any(n is not None for n in few.values()):
+        v.verdict = NOT_ENOUGH_ROUNDS  # never a regression: the interval it would rest on does not exist
+        v.detail = ", ".join(f"{side} has {n} rounds (covers {order_coverage(n):.1%} at best)"
+                             for side, n in few.items() if n is not None) + \
+            f"; a {CONFIDENCE:.0%} CI of the median needs >= {MIN_CI_ROUNDS}"
+        return
     ci_a, ci_b = sa.ci(row_a, phase), sb.ci(row_b, phase)
     v.verdict = "unchanged"
     if a is None or b is None or ci_a is None or ci_b is None or a <= 0 or b <= 0:
@@ -222,7 +249,7 @@ def _consistency(rows: list[RowComparison], noise: NoiseRule, notes: list[str]) 
     groups: dict[tuple, list[Verdict]] = defaultdict(list)
     for r in rows:
         for v in r.verdicts:
-            if v.metric.endswith(".median_ms") and v.a is not None and v.b is not None:
+            if v.metric.endswith(".median_ms") and v.a is not None and v.b is not None and v.verdict != NOT_ENOUGH_ROUNDS:
                 groups[(r.router, r.device, v.metric)].append(v)
     kinds = {"slower": lambda v: v.verdict == "worse", "faster": lambda v: v.verdict == "better",
              "regressed": lambda v: v.regression}
@@ -324,6 +351,11 @@ def compare_runs(a, b, fail_on=(), metrics: str = "all", mode: str = "auto",
         sa, sb = Scale(meta_a, relative, device), Scale(meta_b, relative, device)
         rows.append(_compare_row(key, index_a[key], index_b[key], names, sa, sb, noise, gates))
     _consistency(rows, noise, notes)
+    unjudged = [v for r in rows for v in r.verdicts if v.verdict == NOT_ENOUGH_ROUNDS]
+    if unjudged:
+        notes.append(f"{len(unjudged)} medians not judged: too few rounds on one side for a {CONFIDENCE:.0%} CI of "
+                     f"the median (needs >= {MIN_CI_ROUNDS}; e.g. {unjudged[0].detail.split(';')[0]}); "
+                     "time them with more rounds (not --quick) to compare speed")
     return Comparison(
         a="A" if isinstance(a, tuple) else str(a), b="B" if isinstance(b, tuple) else str(b),
         mode=mode, metrics=metrics, noise=noise, gates=gate_list, rows=rows, matched=len(matched),

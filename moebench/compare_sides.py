@@ -5,7 +5,9 @@ times from two machines on one scale (per the reference kernel timed in each run
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,47 @@ from moebench.errors import MoebenchError
 from moebench.results import META, ROWS, RunDir
 
 MODES = ("auto", "absolute", "relative")
+log = logging.getLogger("moebench.compare")
+
+
+MAX_BASELINE_BYTES = 256 << 20  # a baseline of 100 000 rows is ~200 MB
+
+
+def _read_baseline(path: Path) -> tuple[dict, list[dict]]:
+    """(meta, rows) of a baseline file; every way it can be malformed is one MoebenchError."""
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > MAX_BASELINE_BYTES:
+                raise MoebenchError(f"{path}: {size} bytes; a baseline file may have at most {MAX_BASELINE_BYTES}")
+            data = fh.read(MAX_BASELINE_BYTES + 1)
+    except OSError as exc:
+        raise MoebenchError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise MoebenchError(f"{path}: not a baseline file (not UTF-8 text at byte {exc.start})") from None
+    except (ValueError, RecursionError) as exc:
+        detail = f"at line {exc.lineno}, column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else "nested too deep"
+        raise MoebenchError(f"{path}: not a baseline file (invalid JSON {detail})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
+        raise MoebenchError(f"{path}: not a baseline file (expected a JSON object with 'meta' and 'rows')")
+    meta = doc.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise MoebenchError(f"{path}: meta: expected a JSON object, got {type(meta).__name__}")
+    latest: dict[tuple[str, str], dict] = {}
+    for i, row in enumerate(doc["rows"]):
+        if not isinstance(row, dict):
+            raise MoebenchError(f"{path}: rows[{i}]: expected a JSON object (a row), got {type(row).__name__}")
+        for key in ("case_id", "router"):
+            if not isinstance(row.get(key), str):
+                raise MoebenchError(f"{path}: rows[{i}].{key}: expected a string, got {type(row.get(key)).__name__}")
+        latest.pop((row["case_id"], row["router"]), None)
+        latest[(row["case_id"], row["router"])] = row
+    dropped = len(doc["rows"]) - len(latest)
+    if dropped:
+        log.warning("%s: %d duplicate (case_id, router) row(s); kept the last of each", path, dropped)
+    return dict(meta or {}), list(latest.values())
 
 
 def load_side(path: str | Path) -> tuple[dict, list[dict]]:
@@ -20,13 +63,9 @@ def load_side(path: str | Path) -> tuple[dict, list[dict]]:
     or a folder of runs such as results/<suite> (its latest run)."""
     path = Path(path)
     if path.is_file():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise MoebenchError(f"{path}: not a baseline file (invalid JSON: {exc})") from None
-        if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
-            raise MoebenchError(f"{path}: not a baseline file (expected a JSON object with 'meta' and 'rows')")
-        return dict(data.get("meta") or {}), list(data["rows"])
+        return _read_baseline(path)
+    if path.exists() and not path.is_dir():
+        raise MoebenchError(f"{path}: not a run folder or a baseline file (not a regular file)")
     if not path.is_dir():
         raise MoebenchError(f"{path}: no such run folder or baseline file")
     if not (path / META).exists():
@@ -46,16 +85,22 @@ def num(x: Any) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
+def _obj(value: Any) -> dict:
+    """``value`` if it is a JSON object, else {} (meta edited by hand or by another tool)."""
+    return value if isinstance(value, dict) else {}
+
+
 def _machine(meta: dict) -> tuple:
-    env = meta.get("environment") or {}
-    gpus = tuple(d.get("name") for d in (env.get("cuda") or {}).get("devices") or [])
-    return env.get("cpu_model"), env.get("hostname"), gpus
+    env = _obj(meta.get("environment"))
+    devices = _obj(env.get("cuda")).get("devices")
+    gpus = tuple(str(_obj(d).get("name")) for d in devices) if isinstance(devices, list) else ()
+    return str(env.get("cpu_model")), str(env.get("hostname")), gpus
 
 
 def reference(meta: dict, device: str | None = None) -> dict | None:
     """The reference kernel time for ``device`` (meta "reference_by_device"), else the run's."""
-    by_device = meta.get("reference_by_device") or {}
-    ref = by_device.get(device) if device in by_device else meta.get("reference")
+    by_device = _obj(meta.get("reference_by_device"))
+    ref = by_device.get(device) if isinstance(device, str) and device in by_device else meta.get("reference")
     ok = isinstance(ref, dict) and (num(ref.get("median_ms")) or 0) > 0
     return ref if ok else None
 

@@ -29,9 +29,12 @@ NOTES: dict[str, tuple[str, str]] = {
     ),
     "gshard": (
         "Top-2 of softmax(x), gates renormalised to sum 1; the 2nd expert is kept with probability "
-        "min(1, 2·g2); first choices take capacity before second choices (position policy).",
-        "A declined 2nd expert is not an assignment, so it is neither demand nor a drop; "
-        "experts_per_token_mean shows how often the 2nd expert was kept.",
+        "min(1, 2·g2); first choices take capacity before second choices (position policy); as in "
+        "GShard's Algorithm 1 a 2nd choice the coin declines still uses up a slot of its expert.",
+        "A declined 2nd expert is not an assignment, so it is neither demand nor a drop (but an "
+        "expert may drop once its slots are taken by declined choices); experts_per_token_mean shows "
+        "how often the 2nd expert was kept. aux_loss counts 1st choices only (Algorithm 1): "
+        "E²·mean(f·P), f_e = 1st choices of e / T, 1.0 at perfect balance.",
     ),
     "topk": (
         "General token choice: softmax or sigmoid scores, `softmax_after_topk` (Mixtral), "
@@ -120,7 +123,9 @@ def render() -> str:
     out += [
         "",
         "Per phase (`route`, `dispatch`, `combine`): `median_ms`, `mean_ms`, `iqr_ms`, `min_ms`,",
-        "`max_ms`, `ci_low_ms`/`ci_high_ms` (95% CI of the median), `rounds`, `tokens_per_s`,",
+        "`max_ms`, `ci_low_ms`/`ci_high_ms` (95% CI of the median; null with 5 rounds or fewer, where no",
+        "order-statistic interval reaches 95%), `ci_coverage` (its actual coverage; without one, that of",
+        "min-max), `rounds`, `tokens_per_s`,",
         "`peak_mem_bytes`, `x_memcopy` (median over the median of a clone of the phase's input, timed",
         "in the same case: logits for route, hidden states for dispatch and combine). Rows also carry",
         "those bounds as `memcopy_logits_ms` and `memcopy_hidden_ms`.",

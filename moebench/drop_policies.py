@@ -38,7 +38,11 @@ def probs_priority(expert, scores, generator=None):
 
 
 def bpr_priority(expert, scores, generator=None):
-    """V-MoE Batch Prioritized Routing: choice rank first, then the token's max score, descending."""
+    """V-MoE Batch Prioritized Routing: choice rank first, then the token's max score, descending.
+
+    `TokenChoiceRouter.finish` passes it the token's top router probability max_e p_{t,e}
+    (before renormalisation) repeated over the k choices, so the max here is that (RANKED_BY).
+    """
     k, t = expert.shape
     token_order = _rank(-scores.float().max(dim=0).values)  # [T]
     return (torch.arange(k, device=expert.device)[:, None] * t + token_order[None, :])
@@ -57,6 +61,18 @@ DROP_POLICIES: dict[str, PriorityFn] = {
     "bpr": bpr_priority,
     "random": random_priority,
 }
+
+
+# What a policy's ``scores`` argument holds (built by `TokenChoiceRouter.finish`): "weight",
+# each assignment's combine weight (the default); "top_prob", the token's largest router
+# probability max_e p_{t,e} before any renormalisation over the k chosen, repeated over its
+# k choices (V-MoE BPR ranks by that, not by the possibly renormalised weight: ROUTERS.md §2).
+RANKED_BY: dict[str, str] = {"bpr": "top_prob"}
+
+
+def ranked_by(name: str) -> str:
+    """"weight" or "top_prob": what policy ``name`` ranks assignments by (see RANKED_BY)."""
+    return RANKED_BY.get(name, "weight")
 
 
 # keep(expert <int64>[k, T], scores <float32>[k, T], capacity, num_experts) -> <bool>[k*T]

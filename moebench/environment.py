@@ -17,9 +17,12 @@ import pandas
 import torch
 
 import moebench
+from moebench.thread_env import thread_settings
 
 # Environment variables that change how fast kernels run.
-SPEED_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE", "CUDA_VISIBLE_DEVICES")
+SPEED_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE", "CUDA_VISIBLE_DEVICES",
+                  "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "NUMBA_THREADING_LAYER",
+                  "NUMBA_NUM_THREADS")
 
 
 def cpu_model() -> str:
@@ -121,7 +124,21 @@ def capture_environment(devices: list[str]) -> dict:
         "cuda": cuda_info(devices),
         "git": git_info(),
         "env": {k: os.environ[k] for k in SPEED_ENV_VARS if k in os.environ},
+        "threads": {**thread_settings(), **numba_threads()},
     }
+
+
+def numba_threads() -> dict:
+    """numba's threading layer and thread count where numba is already loaded (never imports it:
+    the kernels load it on first use), else {}."""
+    numba = sys.modules.get("numba")
+    if numba is None:
+        return {}
+    try:
+        return {"numba_layer_config": str(numba.config.THREADING_LAYER),
+                "numba_max_threads": int(numba.config.NUMBA_NUM_THREADS)}
+    except Exception:  # diagnostics only
+        return {}
 
 
 def machine_summary(env: dict) -> str:

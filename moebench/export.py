@@ -18,6 +18,7 @@ from pathlib import Path
 
 from moebench.errors import MoebenchError
 from moebench.metrics import METRICS, PHASES
+from moebench.paths import write_output
 from moebench.results import load_run
 
 FORMATS = ("baseline", "pytest-benchmark")
@@ -51,8 +52,8 @@ def pytest_benchmark_stats(row: dict, phase: str) -> dict | None:
     """
     g = {k: _f(row.get(f"{phase}.{k}")) for k in
          ("median_ms", "mean_ms", "min_ms", "max_ms", "iqr_ms", "q1_ms", "q3_ms", "stdev_ms")}
-    rounds = row.get(f"{phase}.rounds")
-    if g["median_ms"] is None or not rounds:
+    rounds = _f(row.get(f"{phase}.rounds"))
+    if g["median_ms"] is None or not rounds or rounds < 1 or rounds > 1e12:
         return None
     median = g["median_ms"] / 1e3
     mean = (g["mean_ms"] if g["mean_ms"] is not None else g["median_ms"]) / 1e3
@@ -71,9 +72,14 @@ def pytest_benchmark_stats(row: dict, phase: str) -> dict | None:
     }
 
 
+def _obj(value) -> dict:
+    """``value`` if it is a JSON object, else {} (a meta.json edited by hand or by a tool)."""
+    return value if isinstance(value, dict) else {}
+
+
 def _machine_info(meta: dict) -> dict:
-    env = meta.get("environment") or {}
-    cuda = env.get("cuda") or {}
+    env = _obj(meta.get("environment"))
+    cuda = _obj(env.get("cuda"))
     return {
         "node": env.get("hostname"),
         "processor": env.get("cpu_model"),
@@ -84,19 +90,20 @@ def _machine_info(meta: dict) -> dict:
         "python_version": env.get("python"),
         "python_build": None,
         "release": None,
-        "system": (env.get("platform") or "").split("-")[0] or None,
+        "system": str(env.get("platform") or "").split("-")[0] or None,
         "cpu": {"brand_raw": env.get("cpu_model"), "count": env.get("logical_cores")},
         "moebench": {  # extra: what pytest-benchmark does not capture but our timings depend on
             "platform": env.get("platform"), "torch": env.get("torch"),
             "torch_num_threads": env.get("torch_num_threads"), "cpu_affinity": env.get("cpu_affinity"),
-            "cuda_version": cuda.get("version"), "cuda_devices": [d.get("name") for d in cuda.get("devices") or []],
+            "cuda_version": cuda.get("version"),
+            "cuda_devices": [_obj(d).get("name") for d in cuda.get("devices") or [] if isinstance(cuda.get("devices"), list)],
             "reference": meta.get("reference"),
         },
     }
 
 
 def _commit_info(meta: dict) -> dict:
-    git = (meta.get("environment") or {}).get("git") or {}
+    git = _obj(_obj(meta.get("environment")).get("git"))
     return {"id": git.get("commit") or "unknown", "time": None, "author_time": None,
             "dirty": bool(git.get("dirty")), "project": "moebench", "branch": "(unknown)"}
 
@@ -126,8 +133,8 @@ def pytest_benchmark(meta: dict, rows: list[dict]) -> dict:
     ``{"case_id", "router"}``; extra_info: the case axes, the phase's CI and tokens/s and every
     routing metric; options: the run's timing settings in pytest-benchmark's terms.
     """
-    timing = meta.get("timing") or {}
-    devices = meta.get("devices") or []
+    timing = _obj(meta.get("timing"))
+    devices = meta.get("devices") if isinstance(meta.get("devices"), list) else []
     options = {
         "disable_gc": False,
         "timer": "torch.cuda.Event" if any(str(d).startswith("cuda") for d in devices) else "perf_counter",
@@ -177,6 +184,5 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None) -> 
     doc = baseline(meta, rows) if fmt == "baseline" else pytest_benchmark(meta, rows)
     text = json.dumps(_finite(doc), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text, encoding="utf-8")
+        write_output(out, text, "--out", make_parents=True)  # whole or not at all; OSError -> one line
     return text, len(doc["rows"] if fmt == "baseline" else doc["benchmarks"])

@@ -43,12 +43,33 @@ _ROUTING_METRICS = [
     Metric("experts_per_token_mean", "none", True, "mean kept experts per token"),
     Metric("experts_per_token_max", "none", True, "most kept experts of any token"),
     Metric("expert_usage", "higher", True, "sum c/(E*C); dropless: C is the max load (padding cost)"),
-    Metric("aux_loss", "lower", True, "E * sum_e f_e P_e, f_e = d_e/(k T), P_e = mean_t p_te (1.0 balanced)"),
+    Metric("aux_loss", "lower", True,
+           "E * sum_e f_e P_e, f_e = d_e/(k T) (gshard: 1st choices / T), P_e = mean_t p_te (1.0 balanced)"),
     Metric("z_loss", "lower", True, "mean_t logsumexp(x_t)^2"),
     Metric("importance_cv2", "lower", True, "CV^2 of per-expert sums of gate weights (Shazeer 2017)"),
     Metric("load_cv2", "lower", True, "CV^2 of per-expert demand d (Shazeer 2017, hard counts)"),
     Metric("router_confidence", "none", True, "mean over tokens of the sum of kept combine weights"),
     Metric("gate_entropy", "none", True, "mean_t H(p_t) in nats"),
+]
+
+# Final-row columns of trained routers (moebench/train/; end of training, mean over seeds).
+# Each also has <name>_ci_low/_ci_high (95% interval over seeds, direction none).
+_TRAIN_METRICS = [
+    Metric("train_loss", "lower", True, "task loss on the training batches of the last eval interval"),
+    Metric("eval_loss", "lower", True, "task loss on the held-out set"),
+    Metric("perplexity", "lower", True, "exp(eval_loss) on a language task"),
+    Metric("maxvio_batch", "lower", True, "(max c - mean c)/mean c per held-out batch, mean over batches"),
+    Metric("maxvio_global", "lower", True, "(max c - mean c)/mean c over the whole held-out set"),
+    Metric("maxvio_batch_worst", "lower", True, "largest maxvio_batch at any evaluation of any seed"),
+    Metric("train_maxvio_batch", "lower", True, "maxvio of the training batches of the last eval interval"),
+    Metric("dead_experts", "lower", True, "experts receiving no token over the held-out set"),
+    Metric("nmi", "higher", True, "normalised mutual information of ground-truth group and chosen expert"),
+    Metric("fluctuation", "lower", True, "share of probe tokens whose top-1 expert changed in the last interval"),
+    Metric("settle_step", "lower", True, "mean over probe tokens of the last step their top-1 expert changed"),
+    Metric("bias_flip_rate", "none", True,
+           "share of experts whose expert-bias update reversed direction from one step to the next (last interval)"),
+    Metric("seeds_trained", "none", True, "training seeds aggregated in the row"),
+    Metric("train.step_ms", "lower", False, "median wall time of one training step (last interval)"),
 ]
 
 _PHASE_FIELDS = [
@@ -59,6 +80,8 @@ _PHASE_FIELDS = [
     Metric("max_ms", "lower", False, "slowest call"),
     Metric("ci_low_ms", "lower", False, "lower end of the 95% CI of the median"),
     Metric("ci_high_ms", "lower", False, "upper end of the 95% CI of the median"),
+    Metric("ci_coverage", "none", False,
+           "actual coverage of [ci_low, ci_high]; with too few rounds for a 95% CI (then null), that of min-max"),
     Metric("rounds", "none", False, "timed calls"),
     Metric("q1_ms", "lower", False, "25th percentile of the call times"),
     Metric("q3_ms", "lower", False, "75th percentile of the call times"),
@@ -72,6 +95,13 @@ _PHASE_FIELDS = [
 PHASES = ("route", "dispatch", "combine")
 
 METRICS: dict[str, Metric] = {m.name: m for m in _ROUTING_METRICS}
+for _m in _TRAIN_METRICS:
+    METRICS[_m.name] = _m
+for _name in ("train_loss", "eval_loss", "perplexity", "maxvio_batch", "maxvio_global", "train_maxvio_batch",
+              "imbalance", "drop_rate", "dead_experts", "gate_entropy", "aux_loss", "z_loss", "nmi",
+              "fluctuation", "settle_step", "bias_flip_rate"):  # = moebench.train.aggregate.FINAL
+    for _end in ("ci_low", "ci_high"):
+        METRICS[f"{_name}_{_end}"] = Metric(f"{_name}_{_end}", "none", True, f"95% interval over seeds of {_name}: {_end}")
 for _phase in PHASES:
     for _f in _PHASE_FIELDS:
         METRICS[f"{_phase}.{_f.name}"] = Metric(f"{_phase}.{_f.name}", _f.direction, False, f"{_phase}: {_f.description}")
@@ -127,7 +157,11 @@ def routing_metrics(routing: Routing) -> dict[str, float]:
     gates = torch.zeros(e, dtype=torch.float64, device=c.device).index_add_(
         0, routing.expert_index, routing.weight.double()
     )
-    f = d / (k * t)
+    if routing.aux_counts == "first":  # GShard Algorithm 1: 1st choices only, before capacity
+        first = routing.choice == 0
+        f = torch.bincount(routing.expert_index[first], minlength=e).double() / t
+    else:
+        f = d / (k * t)
     return {
         "imbalance": float(c.max() / c.mean()) if total > 0 else math.nan,
         "cv": _cv(c),

@@ -11,7 +11,10 @@ generator and thread pinning)::
 unique part of one), or a dict of axis values that matches exactly one case (e.g.
 ``{"workload": "zipf", "experts": 64, "top_k": 1, "capacity_factor": None}``). ``router`` is a
 label of the suite's routers, else a router registry name (built with ``params``). ``phase``
-is route, dispatch or combine. ``quick=True`` applies --quick sizes. When the test also uses the
+is route, dispatch or combine, in the suite's timing mode (compiled, or captured into a CUDA
+graph in the capturable form of `moebench.capture`; a phase the router cannot capture skips
+the test); on CUDA the call synchronises before it returns, so wall-clock timing covers its
+kernels. ``quick=True`` applies --quick sizes. When the test also uses the
 ``benchmark`` fixture, the case, the router and every routing metric of the case are put in
 ``benchmark.extra_info`` (and so in --benchmark-json files). A router that does not apply to
 the case, or a CUDA case without CUDA, skips the test.
@@ -77,6 +80,7 @@ class PhaseFactory:
         from moebench.capacity import expert_capacity
         from moebench.errors import MoebenchError
         from moebench.metrics import routing_metrics
+        from moebench.modes import PhaseSkip, mode_problem, prepare
         from moebench.routers.base import RouteContext
         from moebench.routers.registry import ROUTERS
         from moebench.runner import ROUTER_STREAM, CaseRunner, cuda_available, phase_calls, quick_case, quick_timing
@@ -101,6 +105,9 @@ class PhaseFactory:
         if reason:
             pytest.skip(f"{c.case_id}: {reason}")
         timing = quick_timing(s.timing) if quick else s.timing
+        problem = mode_problem(timing.mode, c.device)
+        if problem:
+            pytest.skip(f"{c.case_id}: {problem}")
         if c.device == "cpu":
             from moebench.timing import pinned_threads
 
@@ -114,13 +121,35 @@ class PhaseFactory:
         ctx = RouteContext(c.top_k, capacity, c.drop_policy, generator(c.device, c.seed, ROUTER_STREAM), state)
         routing = r.route(inputs, ctx)
         metrics = routing_metrics(routing)
-        fn = phase_calls(r, inputs, ctx, routing)[phase]
+        fn = phase_calls(r, inputs, ctx, routing, capture=timing.mode == "cuda_graph")[phase]
+        if isinstance(fn, PhaseSkip):
+            pytest.skip(f"{c.case_id}: {phase} cannot be captured: {fn.reason}")
+        fn = _synchronised(prepare(fn, timing.mode, c.device, (ctx.generator,) if phase == "route" else ()), c.device)
         if "benchmark" in self._request.fixturenames:
             bench = self._request.getfixturevalue("benchmark")
             bench.extra_info.update({"case_id": c.case_id, "router": spec.display if spec else router,
                                      "phase": phase, "tokens": c.tokens, **metrics})
         fn.case, fn.metrics = c, metrics
         return fn
+
+
+def _synchronised(fn: Callable[[], Any], device: str) -> Callable[[], Any]:
+    """A new function calling ``fn`` that, on CUDA, waits for its kernels before returning
+    (pytest-benchmark times each call by the wall clock, which would otherwise stop when the
+    kernels are queued). A new function also where ``fn`` is a graph's bound ``replay``, which
+    takes no attributes."""
+    if not device.startswith("cuda"):
+        return lambda: fn()
+    import torch
+
+    dev = torch.device(device)
+
+    def call():
+        out = fn()
+        torch.cuda.synchronize(dev)
+        return out
+
+    return call
 
 
 @pytest.fixture(scope="session")

@@ -16,10 +16,13 @@ from typing import Callable, Sequence
 import pandas as pd
 
 from moebench import side_by_side, tables
+from moebench.errors import MoebenchError
 from moebench.html_report import write_html
-from moebench.results import RunDir, load_run
+from moebench.paths import folder_name_problem, inside
+from moebench.results import RunDir, effective_status, load_run
 from moebench.scaling import scaling_table
 from moebench.side_by_side import side_by_side_table
+from moebench.traces.report_section import trace_section
 
 REPORT = "report.md"
 
@@ -76,8 +79,12 @@ def report_dir(data: ReportData, reports_root: Path) -> Path:
     """reports/<suite>/<run-id>/, or reports/<suite>/combined-<id1>+<id2>/ for several runs."""
     suites = list(dict.fromkeys(str(meta.get("suite") or "unknown") for _, meta in data.runs))
     ids = [str(meta.get("run_id") or run.path.name) for run, meta in data.runs]
+    for (run, meta), run_id in zip(data.runs, ids):  # meta.json is read back: it must not steer the writer
+        for what, value in (("suite", str(meta.get("suite") or "unknown")), ("run_id", run_id)):
+            if folder_name_problem(value):
+                raise MoebenchError(f"{run.meta_path}: {what} {value[:60]!r} is not a safe folder name")
     name = ids[0] if len(ids) == 1 else "combined-" + "+".join(ids)
-    return Path(reports_root) / "+".join(suites) / name
+    return inside(reports_root, Path(reports_root) / "+".join(suites) / name)
 
 
 # ----------------------------------------------------------------------------- sections
@@ -98,6 +105,8 @@ _STATUS_TEXT = {
                    "only the rows measured until then (`moebench run --resume` continues it)",
     "running": "**INCOMPLETE** - the run never recorded an end (it was killed, or is still "
                "running); the tables show only the rows measured so far",
+    "unknown": "**INCOMPLETE** - still running on another host, or killed there (meta.json "
+               "`process`); the tables show only the rows measured so far",
 }
 
 
@@ -145,7 +154,7 @@ def _provenance_one(run: RunDir, meta: dict, rows: pd.DataFrame) -> list[str]:
     mine = rows[rows["run_id"] == run_id] if "run_id" in rows.columns else rows
     threads = sorted(mine["threads"].dropna().unique().tolist()) if "threads" in mine.columns else []
     threads = [int(t) if float(t).is_integer() else t for t in threads]
-    status = str(meta.get("status") or "unknown")
+    status = effective_status(meta)  # 'running' with its process gone reads as interrupted
     expected = None
     if isinstance(meta.get("cases"), int) and isinstance(meta.get("routers"), list):
         expected = meta["cases"] * len(meta["routers"])
@@ -246,9 +255,25 @@ def _plots(data: ReportData, out_dir: Path) -> str | None:
     return "\n".join(body)
 
 
+def _training(data: ReportData, out_dir: Path) -> str | None:
+    """Training runs: ranking, curves, specialisation (moebench/train/report.py); after _plots,
+    which clears plots/*.png first."""
+    from moebench.train.report import training_section
+
+    return training_section(data, out_dir)
+
+
+def _parallel(data: ReportData, out_dir: Path) -> str | None:
+    """Expert-parallel rows (moebench/parallel/section.py); None without any."""
+    from moebench.parallel.section import parallel_section
+
+    return parallel_section(data, out_dir)
+
+
 SECTIONS: list[Section] = [
     _title,
     _provenance,
+    trace_section,
     table_section("balance", "Load balance",
                   "Per-expert loads after capacity (streams: mean over the batches)."),
     table_section("drops", "Dropped tokens",
@@ -265,6 +290,8 @@ SECTIONS: list[Section] = [
                   "`exponent_top` the three largest, where every tensor is out of cache and "
                   "allocations of 32 MiB and more get fresh pages on each call."),
     _plots,
+    _training,
+    _parallel,
     table_section("skipped", "Skipped and failed rows"),
 ]
 

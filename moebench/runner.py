@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import traceback
 from dataclasses import dataclass, replace
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -19,11 +19,14 @@ from moebench.capacity import expert_capacity
 from moebench.case import Case, NamedSpec, TimingSpec
 from moebench.dispatch import combine, dispatch
 from moebench.errors import WorkloadMismatchError
+from moebench.memory_estimate import STREAM_CACHE_BYTES, memory_problem
 from moebench.metrics import expert_loads, routing_metrics
-from moebench.modes import mode_problem, prepare
+from moebench.modes import Phase, PhaseSkip, mode_problem, moebench_site, prepare, release_after_failure
 from moebench.routers.base import RouteContext, RouteInputs, Router
 from moebench.routers.registry import ROUTERS
 from moebench.routing import Routing
+from moebench.routing_check import check_routing
+from moebench.stream_batches import Batches
 from moebench.timing import clock_for, measure, peak_memory, pinned_threads
 from moebench.workloads import WORKLOADS, BatchShape, generator
 
@@ -57,7 +60,8 @@ def quick_case(case: Case) -> Case:
 
 def quick_timing(timing: TimingSpec) -> TimingSpec:
     return replace(QUICK_TIMING, threads=timing.threads, enabled=timing.enabled, cpu_memory=timing.cpu_memory,
-                   mode=timing.mode, cpu_allocator=timing.cpu_allocator)
+                   mode=timing.mode, cpu_allocator=timing.cpu_allocator, timeout_s=timing.timeout_s,
+                   isolate=timing.isolate)
 
 
 def cuda_available() -> bool:
@@ -72,15 +76,36 @@ def _mean_metrics(per_batch: list[dict]) -> dict:
     return out
 
 
-def phase_calls(router: Router, inputs: RouteInputs, ctx: RouteContext, routing: Routing) -> dict:
-    """The timed phases as zero-argument calls: route (logits -> Routing), dispatch (gather
-    hidden rows into expert order) and combine (weighted scatter back; experts are identity)."""
-    dispatched = dispatch(routing, inputs.hidden)
+def phase_builders(router: Router, inputs: RouteInputs, ctx: RouteContext, routing: Routing,
+                   capture: bool = False) -> dict[str, Callable[[], Phase | PhaseSkip]]:
+    """{phase: builder}: each builder returns that phase's zero-argument call (see `phase_calls`),
+    so each phase is built on its own and one that fails to build leaves the others.
+
+    capture: the capturable forms of `moebench.capture` (timing mode cuda_graph); a phase the
+    router cannot capture builds a `PhaseSkip` with the reason.
+    """
+    if capture:
+        from moebench.capture import capture_builders
+
+        return capture_builders(router, inputs, ctx, routing)
+
+    def combine_call() -> Phase:
+        dispatched = dispatch(routing, inputs.hidden)
+        return lambda: combine(routing, dispatched, dispatched.rows)
+
     return {
-        "route": lambda: router.route(inputs, ctx),
-        "dispatch": lambda: dispatch(routing, inputs.hidden),
-        "combine": lambda: combine(routing, dispatched, dispatched.rows),
+        "route": lambda: (lambda: router.route(inputs, ctx)),
+        "dispatch": lambda: (lambda: dispatch(routing, inputs.hidden)),
+        "combine": combine_call,
     }
+
+
+def phase_calls(router: Router, inputs: RouteInputs, ctx: RouteContext, routing: Routing,
+                capture: bool = False) -> dict:
+    """The timed phases as zero-argument calls: route (logits -> Routing), dispatch (gather
+    hidden rows into expert order) and combine (weighted scatter back; experts are identity).
+    capture: their capturable forms, a `PhaseSkip` for a phase that has none (`phase_builders`)."""
+    return {name: build() for name, build in phase_builders(router, inputs, ctx, routing, capture).items()}
 
 
 # What each phase's memcopy bound copies: the route reads logits, dispatch and combine move
@@ -102,30 +127,56 @@ def memcopy_bounds(inputs: RouteInputs, timing: TimingSpec, device: str) -> dict
 def _time_phases(router: Router, inputs: RouteInputs, ctx: RouteContext, routing: Routing,
                  timing: TimingSpec, device: str, bounds: dict | None = None) -> dict:
     """Median/IQR/CI, tokens/s, peak memory and x memcopy (against ``bounds``, see
-    `memcopy_bounds`) of route, dispatch and combine."""
-    clock = clock_for(device)
-    phases = {name: prepare(fn, timing.mode, device) for name, fn in phase_calls(router, inputs, ctx, routing).items()}
+    `memcopy_bounds`) of route, dispatch and combine.
+
+    Each phase is built, prepared (compiled, captured) and measured on its own, with
+    `<phase>.status` ok, skipped (cuda_graph: a phase the router cannot capture) or error, and
+    `<phase>.reason` (errors also `<phase>.error_at`): a failing phase leaves the others timed.
+    """
     out = dict(bounds or {})
-    tokens = inputs.logits.shape[0]
-    for name, fn in phases.items():
-        stats = measure(fn, timing, clock)
-        out.update(stats.as_row(name))
-        out[f"{name}.tokens_per_s"] = tokens / (stats.median / 1e3) if stats.median > 0 else math.nan
-        bound = out.get(f"{BOUND_OF_PHASE[name]}_ms")
-        out[f"{name}.x_memcopy"] = stats.median / bound if bound else None
-        measured = device != "cpu" or timing.cpu_memory
-        out[f"{name}.peak_mem_bytes"] = peak_memory(fn, device) if measured else None
+    capture = timing.mode == "cuda_graph"
+    for name, build in phase_builders(router, inputs, ctx, routing, capture).items():
+        generators = (ctx.generator,) if name == "route" and ctx.generator is not None else ()
+        out.update(_time_phase(name, build, inputs.logits.shape[0], timing, device, out, generators))
     return out
 
 
+def _time_phase(name: str, build: Callable[[], Phase | PhaseSkip], tokens: int, timing: TimingSpec,
+                device: str, bounds: dict, generators: tuple) -> dict:
+    """The `<phase>.*` columns of one phase (see `_time_phases`); never raises an Exception."""
+    try:
+        fn = build()
+        if isinstance(fn, PhaseSkip):
+            return {f"{name}.status": "skipped", f"{name}.reason": fn.reason}
+        timed = prepare(fn, timing.mode, device, generators)
+        stats = measure(timed, timing, clock_for(device))
+        out = {f"{name}.status": "ok", f"{name}.reason": None, **stats.as_row(name)}
+        out[f"{name}.tokens_per_s"] = tokens / (stats.median / 1e3) if stats.median > 0 else math.nan
+        bound = bounds.get(f"{BOUND_OF_PHASE[name]}_ms")
+        out[f"{name}.x_memcopy"] = stats.median / bound if bound else None
+        measured = device != "cpu" or timing.cpu_memory
+        # a graph's replay allocates nothing: its memory is the eager call's that it recorded
+        peak_of = fn if timing.mode == "cuda_graph" else timed
+        out[f"{name}.peak_mem_bytes"] = peak_memory(peak_of, device) if measured else None
+        return out
+    except Exception as exc:  # this phase's fault; the row's other phases and metrics stay
+        release_after_failure(device)
+        text = str(exc).strip()
+        reason = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+        return {f"{name}.status": "error", f"{name}.reason": reason,
+                f"{name}.error_at": moebench_site(exc) or _where(exc)}
+
+
 class CaseRunner:
-    """Runs the routers of a suite on one case. Batches are generated once and shared."""
+    """Runs the routers of a suite on one case. Batches are made as the stream reads them
+    (batch 0 and a bounded cache shared by the routers); a router whose memory estimate
+    exceeds what the device has gets a skipped row."""
 
     def __init__(self, case: Case, timing: TimingSpec, base_row: dict):
         self.case = case
         self.timing = timing
         self.base_row = {**base_row, **case.axes()}
-        self._inputs: list[RouteInputs] | None = None
+        self._inputs: Batches | None = None
         self._bounds: dict | None = None
 
     def bounds(self) -> dict:
@@ -135,13 +186,20 @@ class CaseRunner:
             self._bounds = memcopy_bounds(self.inputs()[0], self.timing, self.case.device)
         return self._bounds
 
-    def inputs(self) -> list[RouteInputs]:
+    def inputs(self) -> Batches:
+        """The stream's batches, made as they are read (moebench/stream_batches.py): batch 0
+        and up to STREAM_CACHE_BYTES of later batches are kept for the next router."""
         if self._inputs is None:
             c = self.case
             workload = WORKLOADS.create(c.workload.name, c.workload.params)
             shape = BatchShape(c.tokens, c.experts, c.hidden, c.device, DTYPES[c.dtype])
-            self._inputs = [workload.batch(shape, c.seed, b) for b in range(c.batches)]
+            self._inputs = Batches(workload, shape, c.seed, c.batches, STREAM_CACHE_BYTES)
         return self._inputs
+
+    def memory_problem(self, spec: NamedSpec) -> str | None:
+        """Why ``spec`` on this case cannot fit in memory (its estimate and what the device
+        has, moebench/memory_estimate.py), else None; checked before anything is allocated."""
+        return memory_problem(self.case, spec)
 
     def rows(self, routers: list[NamedSpec], skip: set[str] = frozenset()) -> Iterator[RowResult]:
         """One RowResult per router not in ``skip`` (labels already measured)."""
@@ -164,8 +222,9 @@ class CaseRunner:
                     "status": "ok",
                     "reason": None,
                 }
-                if device_problem:
-                    row.update(status="skipped", reason=device_problem)
+                problem = device_problem or self.memory_problem(spec)
+                if problem:
+                    row.update(status="skipped", reason=problem)
                     yield RowResult(row, [])
                     continue
                 yield self._run_router(spec, row)
@@ -192,10 +251,12 @@ class CaseRunner:
         except WorkloadMismatchError as exc:
             row.update(status="skipped", reason=str(exc))
             return RowResult(row, [])
+        except SystemExit as exc:  # a router must not end the run (Ctrl-C still does)
+            row.update(status="error", reason=exit_reason(exc), error_at=_where(exc))
+            return RowResult(row, [])
         except Exception as exc:  # any fault is recorded; the run goes on
             row.update(status="error", reason=f"{type(exc).__name__}: {exc}".strip(), error_at=_where(exc))
-            if c.device.startswith("cuda"):
-                torch.cuda.empty_cache()
+            release_after_failure(c.device)  # its own cleanup failing must not end the run
             return RowResult(row, [])
         return RowResult(row, batches if c.batches > 1 else [], loads)
 
@@ -212,7 +273,9 @@ class CaseRunner:
             if not bool(torch.isfinite(inputs.logits).all()):
                 raise NonFiniteLogits(f"batch {b}: the workload produced NaN or infinite logits")
             ctx = RouteContext(c.top_k, capacity, c.drop_policy, generator(c.device, c.seed, ROUTER_STREAM + b), state)
-            routing = router.route(inputs, ctx)
+            # checked before metrics or any kernel reads it; the timed route calls below return
+            # the same Routing for the same ctx and are discarded, so one check a batch suffices
+            routing = check_routing(router.route(inputs, ctx), row["router"], finite=(inputs.logits,))
             metrics = routing_metrics(routing)
             per_batch.append(metrics)
             if b == 0:
@@ -225,6 +288,11 @@ class CaseRunner:
         row.update(_mean_metrics(per_batch))
         key = {"run_id": row.get("run_id"), "case_id": row["case_id"], "router": row["router"]}
         return [{**key, "batch": b, **m} for b, m in enumerate(per_batch)], {**key, "batch": 0, "loads": first_loads}
+
+
+def exit_reason(exc: SystemExit) -> str:
+    """'exited: the router called sys.exit(3)' (the reason of an error row)."""
+    return f"exited: the router called sys.exit({'' if exc.code is None else repr(exc.code)})"
 
 
 def _where(exc: BaseException) -> str:

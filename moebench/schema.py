@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from moebench.registry import Registry, options_of
 from moebench.routers.registry import ROUTERS
-from moebench.suite import AXES, LABEL_PATTERN, NAME_PATTERN, TIMING, Rule
+from moebench.suite import AXES, LABEL_PATTERN, MAX_DESCRIPTION_CHARS, NAME_PATTERN, TIMING, Rule
 from moebench.workloads import WORKLOADS
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
@@ -43,6 +43,8 @@ def rule_schema(rule: Rule) -> dict:
     out: dict[str, Any] = {"type": [base, "null"] if rule.nullable else base}
     if rule.minimum is not None:
         out["exclusiveMinimum" if rule.exclusive else "minimum"] = rule.minimum
+    if rule.maximum is not None:
+        out["maximum"] = rule.maximum
     return out
 
 
@@ -99,7 +101,9 @@ def suite_json_schema() -> dict:
     required_axes = [name for name, rule in AXES.items() if rule.required]
     complete = {
         "required": ["name", "version", "routers"],
-        "allOf": [
+        # a training suite's tasks stand in for the workload axis (moebench/train/spec.py)
+        "if": {"required": ["train"]},
+        "else": {"allOf": [
             {
                 "anyOf": [
                     {"required": ["grid"], "properties": {"grid": {"required": [axis]}}},
@@ -107,7 +111,7 @@ def suite_json_schema() -> dict:
                 ]
             }
             for axis in required_axes
-        ],
+        ]},
     }
     return {
         "$schema": DRAFT,
@@ -117,8 +121,8 @@ def suite_json_schema() -> dict:
         "additionalProperties": False,
         "properties": {
             "name": {"type": "string", "pattern": f"^{NAME_PATTERN}$"},
-            "version": {"type": "integer", "minimum": 1},
-            "description": {"type": "string"},
+            "version": {"type": "integer", "minimum": 1, "maximum": 2**31},
+            "description": {"type": "string", "maxLength": MAX_DESCRIPTION_CHARS},
             "include": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
             "defaults": {"type": "object", "additionalProperties": False, "properties": axes},
             "grid": {
@@ -128,6 +132,10 @@ def suite_json_schema() -> dict:
                 ]
             },
             "routers": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/router"}},
+            # a training suite's settings (moebench/train/spec.py); checked by the validator
+            "train": {"type": "object"},
+            # an expert-parallel suite's settings (moebench/parallel/spec.py); checked by the validator
+            "parallel": {"type": "object"},
             "timing": {
                 "type": "object",
                 "additionalProperties": False,

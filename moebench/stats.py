@@ -21,7 +21,9 @@ class Stats:
     stdev is the sample standard deviation (ddof=1; 0.0 for one sample).  q1/q3 are the
     25th/75th percentiles (numpy's linear interpolation) and iqr = q3 - q1.
     [ci_low, ci_high] is a distribution-free interval for the median at ``confidence``
-    (see :func:`median_ci`).
+    (see :func:`median_ci`), or None when ``rounds`` is too small for any order-statistic
+    interval to reach it (n <= 5 at 95%). ci_coverage is the interval's actual coverage
+    (>= confidence), or, without an interval, the most any would have: that of (min, max).
     """
 
     rounds: int
@@ -33,9 +35,15 @@ class Stats:
     q1: float
     q3: float
     iqr: float
-    ci_low: float
-    ci_high: float
+    ci_low: float | None
+    ci_high: float | None
     confidence: float
+    ci_coverage: float = float("nan")
+
+    @property
+    def has_ci(self) -> bool:
+        """Whether enough rounds were timed for an interval of the median at ``confidence``."""
+        return self.ci_low is not None and self.ci_high is not None
 
     def as_row(self, prefix: str) -> dict:
         """Flat row columns ``{prefix}.median_ms`` ... ``{prefix}.stdev_ms`` (e.g. prefix "route")."""
@@ -47,6 +55,7 @@ class Stats:
             f"{prefix}.max_ms": self.max,
             f"{prefix}.ci_low_ms": self.ci_low,
             f"{prefix}.ci_high_ms": self.ci_high,
+            f"{prefix}.ci_coverage": self.ci_coverage,
             f"{prefix}.rounds": self.rounds,
             f"{prefix}.q1_ms": self.q1,
             f"{prefix}.q3_ms": self.q3,
@@ -76,17 +85,31 @@ def median_ci_ranks(n: int, confidence: float = 0.95) -> tuple[int, int] | None:
     return j, n + 1 - j
 
 
-def median_ci(sorted_ms: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
-    """Distribution-free confidence interval of the median of *sorted* samples <float>[n].
+def order_statistic_coverage(n: int, j: int, k: int) -> float:
+    """P(x_(j) <= median <= x_(k)) for n iid continuous samples: P(j <= B < k), B ~ Binomial(n, 1/2).
 
-    Falls back to (min, max) when n is too small for any order-statistic interval to reach
-    ``confidence``.
+    (The median lies between the j-th and k-th smallest exactly when j to k - 1 samples fall
+    below it.) For (1, n): 1 - 2 * 0.5**n, e.g. 0.75 for n = 3 and 0.9375 for n = 5.
     """
-    ranks = median_ci_ranks(len(sorted_ms), confidence)
+    if not 1 <= j < k <= n:
+        raise ValueError(f"order_statistic_coverage: need 1 <= j < k <= n, got j={j}, k={k}, n={n}")
+    return float(binom.cdf(k - 1, n, 0.5) - binom.cdf(j - 1, n, 0.5))
+
+
+def median_ci(sorted_ms: np.ndarray, confidence: float = 0.95) -> tuple[float | None, float | None, float]:
+    """Distribution-free confidence interval of the median of *sorted* samples <float>[n]:
+    (low, high, coverage), coverage being the interval's actual coverage (>= ``confidence``).
+
+    When n is too small for any order-statistic interval to reach ``confidence`` the interval
+    is undefined: (None, None, coverage of (min, max)), the best a sample of n can give
+    (n = 1: 0.0).
+    """
+    n = len(sorted_ms)
+    ranks = median_ci_ranks(n, confidence)
     if ranks is None:
-        return float(sorted_ms[0]), float(sorted_ms[-1])
+        return None, None, (order_statistic_coverage(n, 1, n) if n > 1 else 0.0)
     j, k = ranks
-    return float(sorted_ms[j - 1]), float(sorted_ms[k - 1])
+    return float(sorted_ms[j - 1]), float(sorted_ms[k - 1]), order_statistic_coverage(n, j, k)
 
 
 def summarize(samples_ms: Sequence[float], confidence: float = 0.95) -> Stats:
@@ -100,7 +123,7 @@ def summarize(samples_ms: Sequence[float], confidence: float = 0.95) -> Stats:
     if not np.all(np.isfinite(x)):
         raise ValueError("summarize: samples must be finite numbers of milliseconds")
     q1, median, q3 = (float(v) for v in np.percentile(x, [25.0, 50.0, 75.0]))
-    ci_low, ci_high = median_ci(x, confidence)
+    ci_low, ci_high, coverage = median_ci(x, confidence)
     return Stats(
         rounds=int(x.size),
         median=median,
@@ -114,4 +137,5 @@ def summarize(samples_ms: Sequence[float], confidence: float = 0.95) -> Stats:
         ci_low=ci_low,
         ci_high=ci_high,
         confidence=confidence,
+        ci_coverage=coverage,
     )

@@ -23,17 +23,23 @@ from moebench.allocator import ALLOCATORS
 from moebench.case import Case, NamedSpec, Suite, TimingSpec
 from moebench.drop_policies import DROP_POLICIES
 from moebench.errors import SuiteError, UnknownNameError, did_you_mean
+from moebench.paths import FOLDER_NAME, MAX_NAME_CHARS, folder_name_problem
 from moebench.suite_files import include_list, read_suite_file, show
 from moebench.modes import MODES
 from moebench.registry import Registry
 from moebench.routers.registry import ROUTERS
 from moebench.workloads import WORKLOADS
+from moebench.train.spec import parse_train, train_axes
+from moebench.train.tasks import TASKS
 
-NAME_PATTERN = r"[A-Za-z0-9_.-]+"  # suite names end up in result directory names
-LABEL_PATTERN = r"[A-Za-z0-9_.+=-]+"  # labels end up in case ids and table columns
+NAME_PATTERN = FOLDER_NAME  # suite names end up in result directory names: never '.', '..' or 'a/b'
+LABEL_PATTERN = rf"[A-Za-z0-9_.+=-]{{1,{MAX_NAME_CHARS}}}"  # labels end up in case ids and table columns
+MAX_DESCRIPTION_CHARS = 10_000
+MAX_MESSAGE_CHARS = 300  # an error quoting a long value stays a readable line
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
-TOP_LEVEL_KEYS = ("name", "version", "description", "include", "defaults", "grid", "routers", "timing")
+TOP_LEVEL_KEYS = ("name", "version", "description", "include", "defaults", "grid", "routers", "timing", "train",
+                  "parallel")
 SPEC_KEYS = ("name", "params", "label")
 MAX_CASES = 100_000  # a typo like `tokens: [1, 2, ..., 4096]` should fail fast, not hang
 
@@ -46,6 +52,8 @@ class Rule:
     minimum/exclusive: lower bound (``> minimum`` when exclusive).  nullable: null allowed,
     and ``what`` says what null means; for choices ``what`` names the kind of name.
     required: must be given (axes only).  default: the value when absent.
+    maximum: upper bound (inclusive): what moebench can allocate or count, so that a typo like
+    ``hidden: 1000000000`` is refused in validation instead of attempted.
     """
 
     kind: str
@@ -56,6 +64,7 @@ class Rule:
     what: str = ""
     required: bool = False
     default: Any = None
+    maximum: float | None = None
 
     def describe(self) -> str:
         text = {"int": "an integer", "number": "a number", "bool": "a boolean"}[self.kind]
@@ -74,6 +83,8 @@ class Rule:
                 return None, value
             return f"unknown {self.what} {show(value)}{did_you_mean(str(value), list(self.choices))}", value
         is_int = isinstance(value, int) and not isinstance(value, bool)
+        if is_int and self.kind == "number" and abs(value) >= 2**1000:  # float() of it would overflow
+            return f"expected {self.describe()}, got {show(value)}", value
         ok = {
             "int": is_int,
             "number": is_int or (isinstance(value, float) and math.isfinite(value)),
@@ -83,6 +94,10 @@ class Rule:
             ok = value > self.minimum if self.exclusive else value >= self.minimum
         if not ok:
             return f"expected {self.describe()}, got {show(value)}", value
+        if self.maximum is not None and value > self.maximum:
+            kind = {"int": "an integer", "number": "a number"}[self.kind]
+            top = f"{int(self.maximum)}" if self.kind == "int" else f"{self.maximum:g}"
+            return f"expected {kind} <= {top} (the most moebench accepts), got {show(value)}", value
         # floats stay floats: `1` and `1.0` must give the same case id
         return None, float(value) if self.kind == "number" else value
 
@@ -91,30 +106,32 @@ class Rule:
 # no default capacity factor; a suite that never names one gets 1.25.
 AXES: dict[str, Rule] = {
     "workload": Rule("workload", required=True),
-    "tokens": Rule("int", 0, exclusive=True, required=True),
-    "experts": Rule("int", 2, required=True),
-    "top_k": Rule("int", 1, required=True),
-    "capacity_factor": Rule("number", 0, exclusive=True, nullable=True, what="dropless", default=1.25),
+    "tokens": Rule("int", 0, exclusive=True, required=True, maximum=2**26),
+    "experts": Rule("int", 2, required=True, maximum=2**17),
+    "top_k": Rule("int", 1, required=True, maximum=2**17),
+    "capacity_factor": Rule("number", 0, exclusive=True, nullable=True, what="dropless", default=1.25, maximum=1e6),
     "drop_policy": Rule("choice", choices=tuple(DROP_POLICIES), what="drop policy", default="position"),
-    "min_capacity": Rule("int", 0, default=0),
-    "capacity_multiple": Rule("int", 1, default=1),
-    "hidden": Rule("int", 1, default=64),
+    "min_capacity": Rule("int", 0, default=0, maximum=2**31),
+    "capacity_multiple": Rule("int", 1, default=1, maximum=2**20),
+    "hidden": Rule("int", 1, default=64, maximum=2**17),
     "dtype": Rule("choice", choices=DTYPES, what="dtype", default="float32"),
     "device": Rule("choice", choices=DEVICES, what="device", default="cpu"),
-    "seed": Rule("int", 0, default=0),
-    "batches": Rule("int", 1, default=1),
+    "seed": Rule("int", 0, default=0, maximum=2**63 - 1),
+    "batches": Rule("int", 1, default=1, maximum=100_000),
 }
 
 TIMING: dict[str, Rule] = {
-    "warmup_rounds": Rule("int", 0),
-    "min_rounds": Rule("int", 1),
-    "max_rounds": Rule("int", 1),
-    "min_time_s": Rule("number", 0),
-    "threads": Rule("int", 1, nullable=True, what="all cores"),
+    "warmup_rounds": Rule("int", 0, maximum=10**6),
+    "min_rounds": Rule("int", 1, maximum=10**6),
+    "max_rounds": Rule("int", 1, maximum=10**7),
+    "min_time_s": Rule("number", 0, maximum=86_400),
+    "threads": Rule("int", 1, nullable=True, what="all cores", maximum=4096),
     "enabled": Rule("bool"),
     "cpu_memory": Rule("bool"),
     "mode": Rule("choice", choices=MODES, what="timing mode"),
     "cpu_allocator": Rule("choice", choices=ALLOCATORS, what="CPU allocator"),
+    "timeout_s": Rule("number", 0, exclusive=True, nullable=True, what="no limit", maximum=30 * 86_400),
+    "isolate": Rule("bool"),
 }
 
 
@@ -152,6 +169,8 @@ class _Validator:
         self.origins = origins
 
     def fail(self, field: str, message: str):
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[: MAX_MESSAGE_CHARS - 3] + "..."
         raise SuiteError(self.origin(field), field, message)
 
     def origin(self, field: str) -> str:
@@ -169,7 +188,12 @@ class _Validator:
         for key in value:
             if key not in allowed:
                 path = f"{field}.{key}" if field else str(key)
-                self.fail(path, f"unknown key {show(key)}{did_you_mean(str(key), list(allowed))}")
+                hint = did_you_mean(str(key), list(allowed))
+                origin = self.origin(path)
+                if origin != self.file and not hint.startswith("; did you mean"):
+                    # an included file that is no suite file (a config, a secret): its keys are not shown
+                    self.fail(field, f"unknown key (not shown: {origin} may not be a suite file){hint}")
+                self.fail(path, f"unknown key {show(key)}{hint}")
         return value
 
     def suite(self, doc: Any) -> Suite:
@@ -182,20 +206,31 @@ class _Validator:
             if key not in doc:
                 self.fail(key, "missing required field")
         name, version, description = doc["name"], doc["version"], doc.get("description", "")
-        if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
-            self.fail("name", f"expected a string of letters, digits, '_', '.' or '-', got {show(name)}")
-        problem, _ = Rule("int", 1).check(version)
+        problem = folder_name_problem(name)
+        if problem:
+            self.fail("name", f"{problem}, got {show(name)}")
+        problem, _ = Rule("int", 1, maximum=2**31).check(version)
         if problem:
             self.fail("version", problem)
-        if not isinstance(description, str):
-            self.fail("description", f"expected a string, got {show(description)}")
+        if not isinstance(description, str) or len(description) > MAX_DESCRIPTION_CHARS:
+            self.fail("description", f"expected a string of at most {MAX_DESCRIPTION_CHARS} characters, "
+                      f"got {show(description) if not isinstance(description, str) else f'{len(description)} characters'}")
         if "include" in doc:  # normally resolved by load_document; a direct caller gets it checked
             include_list(doc["include"], self.file)
         routers = self.routers(doc["routers"])
-        cases = self.cases(doc)
-        timing = self.timing(doc.get("timing", {}))
+        timing = self.timing(doc.get("timing", {}))  # before the grid: a refusal never waits for its expansion
+        train = parse_train(doc["train"], self.fail, lambda item, f: self.named(item, f, TASKS),
+                            [r.display for r in routers]) if "train" in doc else None
+        cases = self.cases(doc, train)
         sha256 = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
-        return Suite(name, version, description, self.file, doc, sha256, routers, cases, timing)
+        parallel = None
+        if "parallel" in doc:  # an expert-parallel suite (moebench/parallel/spec.py)
+            from moebench.parallel.spec import check_cases, parse_parallel
+
+            parallel = parse_parallel(doc["parallel"], self.fail)
+            check_cases(parallel, cases, self.fail)
+        return Suite(name, version, description, self.file, doc, sha256, routers, cases, timing, train=train,
+                     parallel=parallel)
 
     def named(self, item: Any, field: str, registry: Registry) -> NamedSpec:
         """A registry name, or a {name, params, label} mapping, checked against ``registry``."""
@@ -212,7 +247,8 @@ class _Validator:
             if not isinstance(params, dict):
                 self.fail(f"{field}.params", f"expected a mapping of {kind} options, got {show(params)}")
             if "label" in item and not (isinstance(label, str) and re.fullmatch(LABEL_PATTERN, label)):
-                self.fail(f"{field}.label", f"expected a label of letters, digits and _.+=-, got {show(label)}")
+                self.fail(f"{field}.label", f"expected a label of 1 to {MAX_NAME_CHARS} letters, digits and _.+=-, "
+                          f"got {show(label)}")
         elif isinstance(item, str):
             name, name_field = item, field
         else:
@@ -274,24 +310,36 @@ class _Validator:
             out.append((value_, path))
         return out
 
-    def cases(self, doc: dict) -> tuple[Case, ...]:
+    def cases(self, doc: dict, train=None) -> tuple[Case, ...]:
         """The expanded grid. ``grid`` is one mapping of axes, or a list of them (a union of
         grids, e.g. tokens swept at one E and E swept at one T); repeated cases appear once."""
         defaults = self.mapping(doc.get("defaults", {}), "defaults", AXES)
         given = {a: self.axis_values(v, f"defaults.{a}", AXES[a], listable=False) for a, v in defaults.items()}
+        if train is not None:  # a train suite's tasks are its workloads (moebench/train/spec.py)
+            given.update(train_axes(doc, train, self.fail))
         grid = doc.get("grid", {})
         if isinstance(grid, list):
             if not grid:
                 self.fail("grid", "empty list: give at least one grid")
-            parts = [self.grid_cases(g, f"grid[{i}]", given) for i, g in enumerate(grid)]
+            grids = [self.grid_axes(g, f"grid[{i}]", given) for i, g in enumerate(grid)]
         else:
-            parts = [self.grid_cases(grid, "grid", given)]
-        unique = {c.case_id: c for part in parts for c in part}
+            grids = [self.grid_axes(grid, "grid", given)]
+        # counted before anything is expanded: a list of grids (or of aliases to one) cannot
+        # make millions of cases before it is refused
+        total = sum(math.prod(len(v) for v in axes.values()) for axes in grids)
+        if total > MAX_CASES:
+            self.fail("grid", f"expands to {total} cases (before removing repeats); at most {MAX_CASES} are allowed")
+        parts = [self.expand(axes) for axes in grids]
+        unique = {c.case_id: c for part in parts for c in part if train is None or train.keeps(c)}
         if len(unique) > MAX_CASES:
             self.fail("grid", f"expands to {len(unique)} cases; at most {MAX_CASES} are allowed")
         return tuple(unique.values())
 
     def grid_cases(self, grid: Any, field: str, defaults: dict) -> list[Case]:
+        return self.expand(self.grid_axes(grid, field, defaults))
+
+    def grid_axes(self, grid: Any, field: str, defaults: dict) -> dict[str, list[tuple[Any, str]]]:
+        """The validated values of every axis of one grid (not expanded)."""
         grid = self.mapping(grid, field, AXES)
         given = dict(defaults)
         given.update({a: self.axis_values(v, f"{field}.{a}", AXES[a], listable=True) for a, v in grid.items()})
@@ -310,6 +358,10 @@ class _Validator:
         count = math.prod(len(v) for v in axes.values())
         if count > MAX_CASES:
             self.fail(field, f"expands to {count} cases; at most {MAX_CASES} are allowed")
+        return axes
+
+    @staticmethod
+    def expand(axes: dict[str, list[tuple[Any, str]]]) -> list[Case]:
         names = list(AXES)
         return [
             Case(**{n: v for n, (v, _) in zip(names, combo)}) for combo in itertools.product(*(axes[n] for n in names))

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from moebench.metrics import PHASES, Direction, direction
-from moebench.results import LOADS, RunDir, load_run, read_jsonl
+from moebench.results import RunDir, load_run
 
 # The case axes (Case.axes() without case_id), in sort order.
 CASE_AXES = (
@@ -87,7 +87,7 @@ def load_expert_loads(run_dirs: Iterable[RunLike]) -> pd.DataFrame:
     records = []
     for run in map(_run, run_dirs):
         run_id = run.meta().get("run_id") or run.path.name
-        for rec in read_jsonl(run.path / LOADS):
+        for rec in run.loads():  # de-duplicated (a resumed run may repeat a killed router's)
             values = rec.get("loads")
             if not isinstance(values, list) or not values:
                 continue

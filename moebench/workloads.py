@@ -18,7 +18,12 @@ from moebench.errors import WorkloadMismatchError
 from moebench.registry import Registry
 from moebench.routers.base import RouteInputs
 
-WORKLOADS = Registry("workload", lambda: None)  # all workloads are defined in this module
+
+def _load_trace_workloads() -> None:
+    import moebench.traces.workload  # noqa: F401  (trace, trace_fit: replays of recorded routing)
+
+
+WORKLOADS = Registry("workload", _load_trace_workloads)  # the rest are defined in this module
 
 
 @dataclass(frozen=True)

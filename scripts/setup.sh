@@ -26,7 +26,7 @@ fi
 marker=""
 [ "$py" = .venv/bin/python ] && marker=.venv/.moebench-installed
 need=0
-"$py" -c "import importlib.metadata as m; m.version('moebench'); import pytest, hypothesis, pytest_benchmark, jsonschema" \
+"$py" -c "import importlib.metadata as m; m.version('moebench'); import pytest, hypothesis, pytest_benchmark, jsonschema, safetensors, transformers" \
   >/dev/null 2>&1 || need=1
 if [ -n "$marker" ] && { [ ! -e "$marker" ] || [ pyproject.toml -nt "$marker" ]; }; then need=1; fi
 if [ "$need" = 1 ]; then

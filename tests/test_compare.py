@@ -263,30 +263,45 @@ grid:
   top_k: {top_k}
   capacity_factor: 1.0
 routers: [{{name: {router}, label: r}}]
-timing: {{warmup_rounds: 1, min_rounds: 3, max_rounds: 5, min_time_s: 0.0, threads: 1, enabled: {timed}}}
+timing: {{warmup_rounds: 1, min_rounds: {rounds}, max_rounds: {rounds}, min_time_s: 0.0, threads: 1, enabled: {timed}, isolate: false}}
 """
 
 
-def execute_suite(tmp_path: Path, name: str, **fields) -> Path:
+def execute_suite(tmp_path: Path, name: str, quick: bool = True, rounds: int = 5, **fields) -> Path:
     from moebench.session import RunOptions, execute
     from moebench.suite import load_suite
 
     path = tmp_path / f"{name}.yaml"
-    path.write_text(SUITE.format(name=name, **fields))
-    return execute(load_suite(path), RunOptions(results_root=tmp_path / "results", quick=True)).path
+    path.write_text(SUITE.format(name=name, rounds=rounds, **fields))
+    return execute(load_suite(path), RunOptions(results_root=tmp_path / "results", quick=quick)).path
 
 
 def test_injected_slow_router_is_caught(tmp_path, capsys):
     fields = dict(workload="[uniform, {name: zipf, params: {s: 1.2}}, hot_experts]", tokens=256, experts="[4, 8]",
                   top_k=1, timed="true")
-    a = execute_suite(tmp_path, "speed", router="topk", **fields)
-    b = execute_suite(tmp_path, "speed", router="slow_topk_for_tests", **fields)
+    # 6 rounds: the fewest with a 95% CI of the median (min-max covers 1 - 2/64 = 96.9%)
+    a = execute_suite(tmp_path, "speed", quick=False, rounds=6, router="topk", **fields)
+    b = execute_suite(tmp_path, "speed", quick=False, rounds=6, router="slow_topk_for_tests", **fields)
     code, out, _ = cli(capsys, a, b)
     assert code == 1, out
     regressed = lines(out, "REGRESSION")
     assert sum(" r route.median_ms" in line for line in regressed) >= 4  # of 6 cases (consistency: 2/3)
     assert all(".median_ms" in line for line in regressed)  # routing itself is the same
     assert cli(capsys, a, b, "--metrics", "deterministic")[0] == 0  # same routing
+
+
+def test_quick_runs_give_not_enough_rounds_not_a_regression(tmp_path, capsys):
+    # --quick times 3-5 rounds: no 95% CI of the median exists, so even a 50 ms slower router
+    # is not judged; the verdict says why and the comparison passes
+    fields = dict(workload="uniform", tokens=256, experts=4, top_k=1, timed="true")
+    a = execute_suite(tmp_path, "quick", router="topk", **fields)
+    b = execute_suite(tmp_path, "quick", router="slow_topk_for_tests", **fields)
+    code, out, _ = cli(capsys, a, b)
+    assert code == 0, out
+    assert "medians not judged: too few rounds" in out and not lines(out, "REGRESSION")
+    c = compare_runs(a, b)
+    verdicts = {v.metric: v for r in c.rows for v in r.verdicts}
+    assert verdicts["route.median_ms"].verdict == "not enough rounds"
 
 
 def test_injected_drop_policy_change_is_caught(tmp_path, monkeypatch, capsys):
@@ -303,3 +318,44 @@ def test_injected_drop_policy_change_is_caught(tmp_path, monkeypatch, capsys):
     assert code == 1, out
     assert any(" r token_drop_rate:" in line for line in lines(out, "REGRESSION"))
     assert any(" r router_confidence:" in line for line in lines(out, "CHANGED"))
+
+
+# ------------------------------------------------------------------ too few rounds for the CI
+
+
+def _side(rounds: int, median: float, half_ci: float | None) -> tuple[dict, list[dict]]:
+    row = {"case_id": "c", "router": "r", "status": "ok", "device": "cpu", "imbalance": 1.0,
+           "route.median_ms": median, "route.rounds": rounds,
+           "route.ci_low_ms": None if half_ci is None else median - half_ci,
+           "route.ci_high_ms": None if half_ci is None else median + half_ci}
+    return {"environment": {"cpu_model": "x", "hostname": "h"}}, [row]
+
+
+@pytest.mark.parametrize("rounds_a, rounds_b", [(3, 40), (40, 5), (5, 5), (1, 1)])
+def test_too_few_rounds_on_either_side_is_not_judged(rounds_a, rounds_b):
+    # B is 3x slower with CIs far apart where they exist: with 40 rounds on both this fails
+    a = _side(rounds_a, 1.0, 0.01 if rounds_a >= 6 else None)
+    b = _side(rounds_b, 3.0, 0.01 if rounds_b >= 6 else None)
+    c = compare_runs(a, b, noise=NoiseRule(consistency=0))
+    v = next(v for v in c.rows[0].verdicts if v.metric == "route.median_ms")
+    assert v.verdict == "not enough rounds" and not v.regression and c.exit_code == 0
+    few = [f"{side} has {n} rounds" for side, n in (("A", rounds_a), ("B", rounds_b)) if n < 6]
+    assert all(part in v.detail for part in few) and "needs >= 6" in v.detail
+    assert any("1 medians not judged" in n for n in c.notes)
+    # a gate on the median does not fail it either
+    assert compare_runs(a, b, fail_on=["route.median_ms:1%"], noise=NoiseRule(consistency=0)).exit_code == 0
+
+
+def test_old_rows_with_min_max_ci_and_few_rounds_are_not_judged():
+    # rows written before CIs could be undefined carried min..max for n <= 5: rounds decide
+    a, b = _side(5, 1.0, 0.05), _side(5, 2.0, 0.05)
+    v = next(v for v in compare_runs(a, b, noise=NoiseRule(consistency=0)).rows[0].verdicts
+             if v.metric == "route.median_ms")
+    assert v.verdict == "not enough rounds" and "covers 93.8% at best" in v.detail
+
+
+def test_six_rounds_are_enough():
+    a, b = _side(6, 1.0, 0.01), _side(6, 3.0, 0.01)
+    c = compare_runs(a, b, noise=NoiseRule(consistency=0))
+    v = next(v for v in c.rows[0].verdicts if v.metric == "route.median_ms")
+    assert v.verdict == "worse" and v.regression and c.exit_code == 1

@@ -273,3 +273,70 @@ def test_fast_keep_only_while_the_policy_is_the_one_it_reproduces(monkeypatch):
     assert fast_keep("bpr") is None and fast_keep("random") is None
     monkeypatch.setitem(DROP_POLICIES, "position", bpr_priority)
     assert fast_keep("position") is None
+
+
+# ---------------------------------------------------------------- GShard: a declined 2nd choice uses its slot
+# 2 tokens, 3 experts, capacity 1, position.
+#   t0: p = [.9997, .0001, .0002] -> e0, then e2 with g2 = .0002/.9999: the coin keeps it w.p. 4e-4
+#   t1: p = [.2, .4, .4]          -> e1, then e2 with g2 = .5: always kept by the coin
+# Algorithm 1: 1st choices t0->e0, t1->e1 (slot 0 each); 2nd choices in token order: t0->e2 is
+# declined but advances e2's counter to 1, so t1->e2 (position 1 >= C) is dropped.
+GS = logits_of([[0.9997, 0.0001, 0.0002], [0.2, 0.4, 0.4]])
+
+
+def test_gshard_declined_second_choice_uses_its_slot(impl):
+    seed = 0
+    u = torch.rand(2, generator=torch.Generator().manual_seed(seed))
+    assert float(u[0]) >= 4e-4  # this seed's coin declines t0's 2nd choice (what GShard.route draws)
+    r = route(GS, 2, 1, "position", seed=seed, router="gshard", impl=impl)
+    # the declined choice is not an assignment; t1's 2nd choice is dropped, not kept
+    assert r.token_index.tolist() == [0, 1, 1] and r.expert_index.tolist() == [0, 1, 2]
+    assert r.kept.tolist() == [True, True, False]
+    assert r.demand().tolist() == [1, 1, 1] and r.load().tolist() == [1, 1, 0]
+    # capacity 2: the counter is 2 after both 2nd choices, t1's is at position 1 < 2: kept
+    assert route(GS, 2, 2, "position", seed=seed, router="gshard", impl=impl).kept.tolist() == [True, True, True]
+    # without the coin t0's 2nd choice is an assignment that takes the slot the same way
+    r = route(GS, 2, 1, "position", router="gshard", second_expert_sampling=False, impl=impl)
+    assert kept_pairs(r) == [(0, 0), (0, 2), (1, 1)]
+
+
+def test_gshard_declined_choices_count_for_every_policy(impl):
+    # probs ranks e2's two asks by weight: t1's (.5) before t0's declined one (.0002), so t1 keeps it
+    r = route(GS, 2, 1, "probs", seed=0, router="gshard", impl=impl)
+    assert kept_pairs(r) == [(0, 0), (1, 1), (1, 2)]
+    # bpr ranks 2nd choices by the token's top probability: t0's declined ask (.9997) comes
+    # before t1's (.4), takes e2's slot, and t1's is dropped
+    r = route(GS, 2, 1, "bpr", seed=0, router="gshard", impl=impl)
+    assert kept_pairs(r) == [(0, 0), (1, 1)] and r.kept.tolist() == [True, True, False]
+
+
+# ---------------------------------------------------------------- bpr ranks by max_e p, not the weight
+# 2 tokens, 4 experts, k = 2, renormalised weights, capacity 1.
+#   t0: p = [.50, .40, .05, .05] -> e0, e1; top prob .50, renormalised w1 = .50/.90 = .556
+#   t1: p = [.44, .06, .30, .20] -> e0, e2; top prob .44, renormalised w1 = .44/.74 = .595
+# e0 is asked by both 1st choices: BPR keeps t0's (.50 > .44), though t1's weight is larger.
+BPR = logits_of([[0.50, 0.40, 0.05, 0.05], [0.44, 0.06, 0.30, 0.20]])
+
+
+def test_bpr_ranks_by_top_probability_not_renormalised_weight(impl):
+    r = route(BPR, 2, 1, "bpr", renormalize=True, impl=impl)
+    assert kept_pairs(r) == [(0, 0), (0, 1), (1, 2)]
+    # ranking by the renormalised weight (what `probs` does among 1st choices) keeps t1's instead
+    assert (1, 0) in kept_pairs(route(BPR, 2, 1, "probs", renormalize=True, impl=impl))
+    # the same with Mixtral's softmax over the top-k (weights renormalised the same way)
+    assert kept_pairs(route(BPR, 2, 1, "bpr", softmax_after_topk=True, impl=impl)) == [(0, 0), (0, 1), (1, 2)]
+    # and for gshard (weights renormalised to sum 1)
+    r = route(BPR, 2, 1, "bpr", router="gshard", second_expert_sampling=False, impl=impl)
+    assert kept_pairs(r) == [(0, 0), (0, 1), (1, 2)]
+
+
+def test_bpr_sigmoid_ranks_by_raw_score(impl):
+    # sigmoid scores s (p = s, not the row-normalised probs a Routing carries):
+    #   t0: s = [.6, .1, .1, .1] -> e0, e1; max s .6 (row-normalised .667, renormalised w1 .857)
+    #   t1: s = [.8, .7, .7, .7] -> e0, e1; max s .8 (row-normalised .276, renormalised w1 .533)
+    # BPR serves t1 first at e0 and among the 2nd choices at e1: t0 keeps nothing
+    x = torch.logit(torch.tensor([[0.6, 0.1, 0.1, 0.1], [0.8, 0.7, 0.7, 0.7]]))
+    r = route(x, 2, 1, "bpr", score="sigmoid", renormalize=True, impl=impl)
+    assert kept_pairs(r) == [(1, 0), (1, 1)]
+    r = route(x, 2, 1, "bpr", router="deepseek", impl=impl)
+    assert kept_pairs(r) == [(1, 0), (1, 1)]

@@ -362,6 +362,7 @@ def test_auto_is_numba_on_cpu():
     assert all(torch.equal(getattr(auto, f), getattr(numba_, f)) for f in FIELDS)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_auto_falls_back_to_torch_on_cuda():
     logits = torch.randn(64, 8, device="cuda")

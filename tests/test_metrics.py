@@ -1,5 +1,6 @@
 """Routing metrics (ROUTERS.md §4) on hand-built routings with known loads."""
 
+import dataclasses
 import math
 
 import pytest
@@ -182,3 +183,39 @@ def test_every_routing_metric_is_documented():
         assert METRICS[key].deterministic
     for phase in PHASES:
         assert not METRICS[f"{phase}.median_ms"].deterministic
+
+
+# ---------------------------------------------------------------- GShard's aux loss (Algorithm 1)
+
+def test_aux_loss_first_choices_literal():
+    # 4 tokens, 4 experts, k = 2; 1st choices e0, e0, e2, e1 (before capacity), 2nd choices
+    # e1, e2, e3, e3. P = column means = [.325, .275, .2, .2].
+    probs = [[0.5, 0.3, 0.1, 0.1], [0.6, 0.1, 0.2, 0.1], [0.1, 0.2, 0.4, 0.3], [0.1, 0.5, 0.1, 0.3]]
+    kw = dict(token=[0, 1, 2, 3, 0, 1, 2, 3], expert=[0, 0, 2, 1, 1, 2, 3, 3], kept=[True] * 8,
+              weight=[0.5] * 8, probs=probs, top_k=2, choice=[0, 0, 0, 0, 1, 1, 1, 1])
+    # all choices: d = [2, 2, 2, 2], f = d / 8 = 1/4 each -> aux = 4 * sum(P) / 4 = 1.0
+    assert routing_metrics(routing(**kw))["aux_loss"] == pytest.approx(1.0)
+    # 1st choices only: f = [2, 1, 1, 0] / 4 -> aux = 4 * (.5*.325 + .25*.275 + .25*.2) = 1.125
+    first = dataclasses.replace(routing(**kw), aux_counts="first")
+    assert routing_metrics(first)["aux_loss"] == pytest.approx(1.125)
+    # capacity does not enter: dropping token 1's 1st choice changes nothing
+    kept = [True, False] + [True] * 6
+    assert routing_metrics(dataclasses.replace(routing(**dict(kw, kept=kept)), aux_counts="first"))[
+        "aux_loss"] == pytest.approx(1.125)
+
+
+def test_gshard_aux_loss_balanced_with_random_routing_is_one():
+    # each expert is one token's 1st choice and every column of p averages 1/4 (cyclic rows);
+    # the coin declines some 2nd choices (g2 = .3/.7: kept with probability .857), which the
+    # all-choices form would count (aux = (4 + kept 2nd) / 8 < 1); Algorithm 1 gives 1.0
+    from moebench.routers import RouteContext, RouteInputs, create_router
+
+    row = [0.4, 0.3, 0.2, 0.1]
+    probs = torch.tensor([row[-t:] + row[:-t] for t in range(4)] * 16)  # 64 tokens
+    router = create_router("gshard", {})
+    declined = 0
+    for seed in range(3):
+        r = router.route(RouteInputs(torch.log(probs)), RouteContext(2, None, "position", torch.Generator().manual_seed(seed)))
+        declined += 64 - int((r.choice == 1).sum())
+        assert routing_metrics(r)["aux_loss"] == pytest.approx(1.0, abs=1e-6)
+    assert declined > 0  # the coin did decline some (else the test shows nothing)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from moebench.capacity import CapacitySpec, expert_capacity
 from moebench.dispatch import combine, dispatch
 from moebench.drop_policies import DROP_POLICIES
-from moebench.errors import MoebenchError
+from moebench.errors import MoebenchError, WorkloadMismatchError
 from moebench.metrics import routing_metrics
 from moebench.peers.base import PeerSkip
 from moebench.routers import RouteContext, RouteInputs, TokenChoiceRouter, create_router, router_classes
@@ -116,7 +116,9 @@ def test_router_properties(name, params):
             return
         try:
             check_properties(name, params, router, problem)
-        except PeerSkip as exc:  # a peer without this drop policy (e.g. DeepSpeed top1gating and 'bpr')
+        # a peer without this drop policy (e.g. DeepSpeed top1gating and 'bpr'), or a router bound to
+        # its own workload (`recorded` replays a trace; tests/test_traces_workload.py covers it)
+        except (PeerSkip, WorkloadMismatchError) as exc:
             reasons.add(str(exc))
             return
         ran.append(1)
@@ -192,6 +194,10 @@ def check_properties(name, params, router, problem):
             assert a == tokens * top_k
         if capacity is None:
             assert r.kept.all()
+        elif name == "gshard" and a < tokens * top_k:
+            # a 2nd choice the coin declined still used a slot (GShard Algorithm 1): an expert
+            # may drop before its kept load reaches C, never keep beyond it
+            assert bool((load <= demand.clamp(max=capacity)).all())
         else:  # every policy is work-conserving: an expert drops only when full
             assert torch.equal(load, demand.clamp(max=capacity))
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from moebench import kernels
 from moebench.metrics import routing_metrics
 from moebench.routers import RouteContext, RouteInputs, RouterState, create_router, router_classes
 from moebench.workloads import BatchShape, create_workload
@@ -332,6 +333,45 @@ def test_gshard_position_capacity_first_choices_first():
     logits = logp([[0.6, 0.4], [0.7, 0.3], [0.55, 0.45]])
     r = route("gshard", logits, top_k=2, capacity=2, second_expert_sampling=False)
     assert r.kept.tolist() == [True, True, False, True, True, False]
+
+
+def _algorithm1(logits, capacity, u):
+    """GShard's Algorithm 1 as the paper writes it, one token at a time: {(token, expert): gate}
+    of the combined (kept) assignments; u <float32>[T] are the coin draws."""
+    probs = torch.softmax(logits.float(), -1)
+    top = torch.topk(probs, 2, dim=-1)
+    g = top.values / top.values.sum(-1, keepdim=True)
+    counter = [0] * logits.shape[1]
+    out = {}
+    for s in range(logits.shape[0]):  # 1st choices
+        e1 = int(top.indices[s, 0])
+        if counter[e1] < capacity:
+            out[s, e1] = float(g[s, 0])
+        counter[e1] += 1
+    for s in range(logits.shape[0]):  # 2nd choices: the counter advances whatever the coin says
+        e2 = int(top.indices[s, 1])
+        if counter[e2] < capacity and float(u[s]) < min(1.0, 2 * float(g[s, 1])):
+            out[s, e2] = float(g[s, 1])
+        counter[e2] += 1
+    return out
+
+
+@pytest.mark.parametrize("impl", ["torch"] + (["numba"] if kernels.available() else []))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gshard_equals_algorithm1_loop(seed, impl):
+    # zipf-like skew so that capacity binds for 1st and 2nd choices
+    g = gen(100 + seed)
+    logits = torch.randn(300, 8, generator=g) + torch.log(1.0 / torch.arange(1, 9).float()) * 2
+    capacity = 50
+    r = route("gshard", logits, top_k=2, capacity=capacity, seed=seed, impl=impl)
+    u = torch.rand(300, generator=gen(seed))  # the only draw GShard.route makes
+    expected = _algorithm1(logits, capacity, u)
+    kept = {(int(tk), int(e)): float(w) for tk, e, w, k in
+            zip(r.token_index, r.expert_index, r.weight, r.kept) if k}
+    assert kept.keys() == expected.keys()
+    assert all(abs(kept[key] - expected[key]) < 1e-6 for key in kept)
+    assert 0 < int((r.choice == 1).sum()) < 300  # the coin declined some and kept some
+    assert int(r.load().max()) == capacity  # and capacity did bind
 
 
 # ---------------------------------------------------------------- deepseek

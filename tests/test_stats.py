@@ -16,8 +16,10 @@ def test_five_samples_literal():
     assert (s.median, s.mean, s.min, s.max) == (3.0, 3.0, 1.0, 5.0)
     assert (s.q1, s.q3, s.iqr) == (2.0, 4.0, 2.0)
     assert s.stdev == pytest.approx(math.sqrt(2.5))  # sample stdev: sum sq dev 10 / 4
-    # n=5 is too small for a 95% order-statistic interval (P(B=0)=1/32 > 0.025): min..max.
-    assert (s.ci_low, s.ci_high) == (1.0, 5.0)
+    # n=5 is too small for a 95% order-statistic interval (P(B=0)=1/32 > 0.025): none is
+    # claimed; min..max would cover only 1 - 2/32 = 0.9375
+    assert (s.ci_low, s.ci_high) == (None, None) and not s.has_ci
+    assert s.ci_coverage == pytest.approx(0.9375)
     assert s.confidence == 0.95
 
 
@@ -32,7 +34,7 @@ def test_even_n_median_and_quartiles_interpolate():
 def test_single_sample():
     s = summarize([7.5])
     assert (s.rounds, s.median, s.mean, s.stdev, s.iqr) == (1, 7.5, 7.5, 0.0, 0.0)
-    assert (s.ci_low, s.ci_high) == (7.5, 7.5)
+    assert (s.ci_low, s.ci_high, s.ci_coverage) == (None, None, 0.0)
 
 
 def test_constant_samples_zero_spread():
@@ -48,6 +50,7 @@ def test_ci_n20_from_binomial_table():
     samples = [float(10 * i) for i in range(1, 21)]  # x_(i) = 10 i
     s = summarize(samples[::-1])
     assert (s.ci_low, s.ci_high) == (60.0, 150.0)
+    assert s.ci_coverage == pytest.approx(1 - 2 * 21700 / 2**20)  # 0.9586
     assert s.median == 105.0
 
 
@@ -72,8 +75,9 @@ def test_as_row_keys_and_values():
         "route.iqr_ms": 2.0,
         "route.min_ms": 1.0,
         "route.max_ms": 5.0,
-        "route.ci_low_ms": 1.0,
-        "route.ci_high_ms": 5.0,
+        "route.ci_low_ms": None,
+        "route.ci_high_ms": None,
+        "route.ci_coverage": pytest.approx(0.9375),
         "route.rounds": 5,
         "route.q1_ms": 2.0,
         "route.q3_ms": 4.0,
@@ -108,6 +112,11 @@ samples_st = st.lists(
 @given(samples_st, st.sampled_from([0.5, 0.9, 0.95, 0.99]))
 def test_ci_contains_median_and_order(samples, confidence):
     s = summarize(samples, confidence)
+    assert s.has_ci == (median_ci_ranks(len(samples), confidence) is not None)
+    if not s.has_ci:  # too few samples: no interval claimed, and (min, max) falls short
+        assert s.ci_coverage < confidence
+        return
+    assert s.ci_coverage >= confidence
     assert s.min <= s.ci_low <= s.median <= s.ci_high <= s.max
     assert s.min <= s.q1 <= s.median <= s.q3 <= s.max
     assert s.iqr >= 0.0
@@ -132,3 +141,35 @@ def test_ci_ranks_reach_confidence(n, confidence):
     # and j is the tightest symmetric choice: one rank further in falls short
     if j + 1 <= k - 1:
         assert binom.cdf(k - 2, n, 0.5) - binom.cdf(j, n, 0.5) < confidence
+
+
+@pytest.mark.parametrize(("n", "coverage"), [(2, 0.5), (3, 0.75), (4, 0.875), (5, 0.9375), (6, 0.96875)])
+def test_min_max_coverage_literal(n, coverage):
+    # [x_(1), x_(n)] misses the median only when all n samples fall on one side: 2 / 2^n
+    from moebench.stats import order_statistic_coverage
+
+    assert order_statistic_coverage(n, 1, n) == pytest.approx(coverage)
+    s = summarize([float(i) for i in range(n)])
+    assert s.has_ci == (n >= 6)
+    assert s.ci_coverage == pytest.approx(coverage)  # n = 6: the interval is min..max itself
+    if n >= 6:
+        assert (s.ci_low, s.ci_high) == (0.0, float(n - 1))
+
+
+def test_coverage_n9_literal():
+    # Binom(9, 1/2): P(B<=1) = 10/512; (2, 8) covers P(2 <= B <= 7) = 1 - 20/512 = 0.9609
+    from moebench.stats import order_statistic_coverage
+
+    s = summarize([float(i) for i in range(9)])
+    assert (s.ci_low, s.ci_high) == (1.0, 7.0)
+    assert s.ci_coverage == pytest.approx(1 - 20 / 512) == order_statistic_coverage(9, 2, 8)
+    with pytest.raises(ValueError):
+        order_statistic_coverage(9, 5, 5)
+
+
+def test_coverage_is_real_by_simulation():
+    # the claimed coverage is what happens: 4000 samples of n = 9 from a skewed distribution
+    rng = np.random.default_rng(0)
+    draws = np.sort(rng.lognormal(0.0, 1.0, size=(4000, 9)), axis=1)
+    inside = (draws[:, 1] <= 1.0) & (1.0 <= draws[:, 7])  # lognormal(0, 1) median = 1
+    assert abs(inside.mean() - (1 - 20 / 512)) < 0.01  # 3 standard errors

@@ -14,8 +14,12 @@ from typing import ClassVar, Literal
 import torch
 
 from moebench import kernels
-from moebench.drop_policies import fast_keep, get_drop_policy, keep_within_capacity
+from moebench.drop_policies import fast_keep, get_drop_policy, keep_within_capacity, ranked_by
 from moebench.routing import Routing
+
+
+# `Router.capturable_phases` of a router whose every timed phase can be captured.
+CAPTURE_ALL: frozenset[str] = frozenset({"route", "dispatch", "combine"})
 
 
 @dataclass(frozen=True)
@@ -68,12 +72,19 @@ class Router:
     Class attributes describe the router to the runner and the docs:
     paper: the reference.  needs: inputs beyond logits ("hidden", "token_ids").
     fixed_top_k: the only top_k the algorithm defines (switch: 1, gshard: 2), else None.
+    capturable_phases: the phases timing mode cuda_graph can capture for this router, in the
+        static-shape forms of `moebench.capture` (route: the form registered there for the
+        class, else the router's own `route`, which must then be sync-free); the others are
+        skipped there with `capture_reason`. dispatch and combine only move the rows of a given
+        Routing, so every router has them.
     """
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     needs: ClassVar[tuple[str, ...]] = ()
     fixed_top_k: ClassVar[int | None] = None
+    capturable_phases: ClassVar[frozenset[str]] = frozenset({"dispatch", "combine"})
+    capture_reason: ClassVar[str] = "its route has no static-shape, sync-free form in moebench.capture"
 
     def applicable(self, top_k: int, num_experts: int) -> str | None:
         """None if the router can run at this shape, else the reason it is skipped."""
@@ -147,13 +158,19 @@ class TokenChoiceRouter(Router):
         ctx: RouteContext,
         priority_scores: torch.Tensor | None = None,
         active: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
     ) -> Routing:
         """Apply capacity and the drop policy to chosen experts and build the Routing.
 
         expert <int64>[T, k], weight <float32>[T, k]: each token's choices in choice order.
-        priority_scores <float32>[T, k]: what `probs`/`bpr` rank by (default: weight).
+        priority_scores <float32>[T, k]: what `probs` ranks by (default: weight).
         active <bool>[T, k]: choices the router actually makes (GShard's random routing can
-            decline a 2nd expert); inactive ones are not assignments at all. Default: all.
+            decline a 2nd expert). An inactive choice still takes its place in the capacity
+            order and uses up a slot (GShard Algorithm 1 advances the expert's counter either
+            way), but it is never kept and is not an assignment of the Routing. Default: all.
+        scores <float32>[T, E]: the router's probabilities p before bias and renormalisation,
+            when they differ from ``probs`` (sigmoid scores, which ``probs`` row-normalises);
+            policies ranked by the token's top probability (`bpr`) take max_e of it.
         """
         t, k = expert.shape
         # [k, T]: rank-major, the `position` order. The numba selection already stores it so
@@ -163,24 +180,20 @@ class TokenChoiceRouter(Router):
         device = expert.device
         token_kt = torch.arange(t, device=device).expand(k, t)
         choice_kt = torch.arange(k, device=device)[:, None].expand(k, t)
-        keep_kernel = fast_keep(ctx.drop_policy) if active is None and priority_scores is None else None
+        keep_kernel = fast_keep(ctx.drop_policy) if priority_scores is None else None
         if ctx.capacity is None:
             kept_kt = torch.ones_like(expert_kt, dtype=torch.bool)
         elif keep_kernel is not None and kernels.use_numba(self.impl, expert_kt, weight_kt):
             kept_kt = keep_kernel(expert_kt, weight_kt, ctx.capacity, probs.shape[1]).view(k, t)
         else:
             ranked = weight_kt if priority_scores is None else priority_scores.t()
+            if ranked_by(ctx.drop_policy) == "top_prob":
+                top = (probs if scores is None else scores).float().max(dim=1).values  # [T]
+                ranked = top[None, :].expand(k, t)
             priority = get_drop_policy(ctx.drop_policy)(expert_kt, ranked, ctx.generator).reshape(-1)
-            flat_expert = expert_kt.reshape(-1)
-            if active is None:
-                kept = keep_within_capacity(flat_expert, priority, ctx.capacity, probs.shape[1])
-            else:
-                act = active.t().reshape(-1)
-                kept = torch.zeros(k * t, dtype=torch.bool, device=device)
-                kept[act] = keep_within_capacity(
-                    flat_expert[act], priority[act], ctx.capacity, probs.shape[1], span=k * t
-                )
-            kept_kt = kept.view(k, t)
+            kept_kt = keep_within_capacity(expert_kt.reshape(-1), priority, ctx.capacity, probs.shape[1]).view(k, t)
+        if active is not None and ctx.capacity is not None:
+            kept_kt = kept_kt & active.t()  # a declined choice used its slot but is not kept
         if self.renormalize_after_drop and ctx.capacity is not None:
             mask = kept_kt if active is None else kept_kt & active.t()
             asked = weight_kt if active is None else torch.where(active.t(), weight_kt, 0.0)

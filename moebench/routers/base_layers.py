@@ -159,6 +159,7 @@ class BaseLayers(Router):
 
     fixed_top_k = 1
     paper = "Lewis et al. 2021, BASE Layers: Simplifying Training of Large, Sparse Models"
+    capture_reason = "the balanced assignment is solved on the CPU (numpy, float64) and copied back"
 
     def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:
         logits = inputs.logits.float()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moebench.routers.base import RouteContext, RouteInputs, TokenChoiceRouter, uniform_probs
+from moebench.routers.base import CAPTURE_ALL, RouteContext, RouteInputs, TokenChoiceRouter, uniform_probs
 from moebench.routers.registry import register
 from moebench.routing import Routing
 
@@ -17,6 +17,7 @@ class RandomRouter(TokenChoiceRouter):
     """k distinct experts uniformly at random per token (seeded by the case); weights 1/k."""
 
     paper = "baseline"
+    capturable_phases = CAPTURE_ALL
 
     def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:
         logits = inputs.logits
@@ -36,6 +37,7 @@ class RoundRobin(TokenChoiceRouter):
     """
 
     paper = "baseline (Megatron-Core force_load_balancing, MegaBlocks uniform_expert_assignment)"
+    capturable_phases = CAPTURE_ALL
 
     def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:
         logits = inputs.logits

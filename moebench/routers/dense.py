@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moebench.routers.base import RouteContext, RouteInputs, Router
+from moebench.routers.base import CAPTURE_ALL, RouteContext, RouteInputs, Router
 from moebench.routers.registry import register
 from moebench.routing import Routing
 
@@ -20,6 +20,7 @@ class SoftmaxDense(Router):
     """
 
     paper = "Jacobs, Jordan, Nowlan, Hinton 1991, Adaptive Mixtures of Local Experts"
+    capturable_phases = CAPTURE_ALL  # its own route is static
 
     def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:
         logits = inputs.logits.float()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moebench.routers.base import RouteContext, RouteInputs, Router
+from moebench.routers.base import CAPTURE_ALL, RouteContext, RouteInputs, Router
 from moebench.routers.registry import register
 from moebench.routing import Routing
 
@@ -28,6 +28,7 @@ class ExpertChoice(Router):
     """
 
     paper = "Zhou et al. 2022, Mixture-of-Experts with Expert Choice Routing"
+    capturable_phases = CAPTURE_ALL  # its own route is static
 
     def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:
         logits = inputs.logits.float()

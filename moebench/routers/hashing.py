@@ -99,6 +99,7 @@ class HashRouter(TokenChoiceRouter):
 
     needs = ("token_ids",)
     paper = "Roller et al. 2021, Hash Layers For Large Sparse Models"
+    capture_reason = "token ids are checked against the vocabulary on the host (int(ids.max()))"
 
     def applicable(self, top_k: int, num_experts: int) -> str | None:
         if top_k > num_experts:

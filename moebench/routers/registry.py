@@ -22,6 +22,7 @@ ENTRY_POINT_GROUP = "moebench.routers"
 def _load() -> None:
     import moebench.routers.catalog  # noqa: F401  (registers the built-in routers)
     import moebench.peers  # noqa: F401  (peer adapters: peer:*; their libraries load on first route)
+    import moebench.traces.router  # noqa: F401  (recorded: a trace's own choices)
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:

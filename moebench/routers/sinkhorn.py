@@ -120,6 +120,7 @@ class Sinkhorn(TokenChoiceRouter):
     inference: bool = False
 
     paper = "Clark et al. 2022, Unified Scaling Laws for Routed Language Models (S-BASE); Megatron-Core sinkhorn"
+    capture_reason = "the iteration stops once mean|d1_old - d1| <= tol, an error read on the host every iteration"
 
     def check(self) -> str | None:
         if self.tol <= 0:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from moebench.errors import WorkloadMismatchError
-from moebench.routers.base import RouteContext, RouteInputs, Router
+from moebench.routers.base import CAPTURE_ALL, RouteContext, RouteInputs, Router
 from moebench.routers.registry import register
 from moebench.routing import Routing, SoftSlots
 
@@ -84,6 +84,7 @@ class SoftMoE(Router):
 
     needs = ("hidden",)
     paper = "Puigcerver et al. 2023, From Sparse to Soft Mixtures of Experts"
+    capturable_phases = CAPTURE_ALL  # its own route is static
 
     def check(self) -> str | None:
         if self.slots_per_expert is not None and self.slots_per_expert < 1:

@@ -5,13 +5,14 @@ All share `TokenChoiceRouter.finish` for capacity and drops, and its expert-bias
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from moebench.routers.base import RouteContext, RouteInputs, TokenChoiceRouter, normalize_weights, top_k_experts
+from moebench.routers.base import (CAPTURE_ALL, RouteContext, RouteInputs, TokenChoiceRouter, normalize_weights,
+                                   top_k_experts)
 from moebench.routers.registry import register
 from moebench.routing import Routing
 
@@ -46,6 +47,7 @@ class TopK(TokenChoiceRouter):
     route_scale: float = 1.0
 
     paper = "Mixtral (Jiang et al. 2024), Qwen-MoE, Megatron-Core topk_routing_with_score_function"
+    capturable_phases = CAPTURE_ALL
 
     def check(self) -> str | None:
         if self.softmax_after_topk and self.score != "softmax":
@@ -65,7 +67,7 @@ class TopK(TokenChoiceRouter):
             weight = normalize_weights(weight)
         if self.route_scale != 1.0:
             weight = weight * self.route_scale
-        return self.finish(expert, weight, _as_probs(scores, self.score), logits, ctx)
+        return self.finish(expert, weight, _as_probs(scores, self.score), logits, ctx, scores=scores)
 
 
 @register("switch")
@@ -75,6 +77,7 @@ class Switch(TokenChoiceRouter):
 
     fixed_top_k = 1
     paper = "Fedus, Zoph, Shazeer 2021, Switch Transformers"
+    capturable_phases = CAPTURE_ALL
 
     def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:
         logits = inputs.logits.float()
@@ -98,6 +101,7 @@ class NoisyTopK(TokenChoiceRouter):
     noise_seed: int = 0
 
     paper = "Shazeer et al. 2017, Outrageously Large Neural Networks"
+    capturable_phases = CAPTURE_ALL
 
     @property
     def needs(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -134,14 +138,17 @@ class NoisyTopK(TokenChoiceRouter):
 @register("gshard")
 @dataclass(frozen=True)
 class GShard(TokenChoiceRouter):
-    """GShard top-2: g1, g2 from softmax(x), renormalised to sum 1; the 2nd expert is kept only
-    with probability min(1, 2 * g2) (random routing). With the `position` policy all 1st choices
-    take capacity slots before any 2nd choice.
+    """GShard top-2 (Algorithm 1): g1, g2 from softmax(x), renormalised to sum 1; the 2nd expert
+    is kept only with probability min(1, 2 * g2) (random routing). With the `position` policy all
+    1st choices take capacity slots before any 2nd choice; a 2nd choice the coin declines still
+    advances its expert's position counter (uses a slot) and is then not kept (nor an assignment
+    of the Routing). The aux loss counts 1st choices only (f_e = c_e/T, before capacity).
     """
 
     fixed_top_k = 2
     second_expert_sampling: bool = True
     paper = "Lepikhin et al. 2020, GShard"
+    capture_reason = "declined 2nd choices are left out of the Routing, so its size depends on the coin flips"
 
     def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:
         logits = inputs.logits.float()
@@ -153,7 +160,8 @@ class GShard(TokenChoiceRouter):
         if self.second_expert_sampling:
             u = torch.rand(expert.shape[0], generator=ctx.generator, device=logits.device)
             active[:, 1] = u < (2 * weight[:, 1]).clamp(max=1.0)
-        return self.finish(expert, weight, probs, logits, ctx, active=active)
+        routing = self.finish(expert, weight, probs, logits, ctx, active=active)
+        return replace(routing, aux_counts="first")
 
 
 @register("deepseek")
@@ -172,6 +180,7 @@ class DeepSeek(TokenChoiceRouter):
     route_scale: float = 1.0
 
     paper = "DeepSeek-V3 technical report 2024; Wang et al. 2024, Auxiliary-Loss-Free Load Balancing"
+    capturable_phases = CAPTURE_ALL
 
     def check(self) -> str | None:
         if self.num_groups < 1 or self.topk_groups < 1 or self.topk_groups > self.num_groups:
@@ -208,4 +217,4 @@ class DeepSeek(TokenChoiceRouter):
             weight = normalize_weights(scores.gather(1, expert))
         if self.route_scale != 1.0:
             weight = weight * self.route_scale
-        return self.finish(expert, weight, _as_probs(scores, "sigmoid"), logits, ctx)
+        return self.finish(expert, weight, _as_probs(scores, "sigmoid"), logits, ctx, scores=scores)

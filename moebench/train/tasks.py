@@ -1,0 +1,223 @@
+"""Training tasks with known structure: what a trained MoE layer should discover.
+
+Each task is a frozen dataclass registered in `TASKS` (options = fields, so a suite's
+``train.task.params`` are type-checked like a router's). ``task.build(dim, seed)`` draws the
+task's fixed structure (region centres, target maps, a teacher, a vocabulary) from ``seed``;
+``instance.sample(n, generator)`` draws n examples from it. Every example carries its ground
+truth group (`truth`), against which specialisation (NMI) is measured.
+
+- `local_experts` (Jacobs, Jordan, Nowlan, Hinton 1991): K regions with centres
+  c_k = separation * z_k, z_k ~ N(0, I_d); an example picks k uniformly, x = c_k + spread * u,
+  u ~ N(0, I_d), and its target is region k's own linear map y = x . A_k / sqrt(d),
+  A_k ~ N(0, 1) <float32>[d, o]. Ground truth: k.
+- `teacher`: a random teacher MoE. x ~ N(0, I_d); teacher gate W_t ~ N(0, 1) [d, K];
+  teacher expert k* = argmax_k x . W_t[:, k]; y = tanh(x . U_k* / sqrt(d)) . V_k* / sqrt(f),
+  U ~ N(0, 1) [K, d, f], V ~ N(0, 1) [K, f, o]. Ground truth: k*.
+- `language`: next-token prediction on i.i.d. bigram pairs over a Zipf vocabulary of V ids.
+  The current token c has probability (c + 1)^-s / Z (id 0 is the most frequent); its class
+  is c mod K; the next token is drawn with probability `mix` from its class's own Zipf
+  distribution over a class permutation pi_k (next = pi_k[r] with probability (r + 1)^-s / Z),
+  else from the unigram. Ground truth: the class of the current token. Loss: cross-entropy;
+  reported as perplexity exp(loss). `floor_perplexity` is exp of the true conditional entropy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from moebench.registry import Registry
+
+
+def _load() -> None:  # the built-in tasks register below, on import of this module
+    return None
+
+
+TASKS = Registry("task", _load)
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """n examples. x <float32>[n, d] (regression) or None; ids <int64>[n] current tokens
+    (language) or None; y <float32>[n, o] targets or <int64>[n] next tokens; truth <int64>[n]."""
+
+    x: torch.Tensor | None
+    ids: torch.Tensor | None
+    y: torch.Tensor
+    truth: torch.Tensor
+
+    def to(self, device: str) -> "TaskData":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return TaskData(move(self.x), move(self.ids), move(self.y), move(self.truth))
+
+    def __len__(self) -> int:
+        return self.truth.shape[0]
+
+    def slice(self, start: int, stop: int) -> "TaskData":
+        cut = lambda t: None if t is None else t[start:stop]  # noqa: E731
+        return TaskData(cut(self.x), cut(self.ids), cut(self.y), cut(self.truth))
+
+
+class TaskInstance:
+    """A task's drawn structure. kind: "regression" (MSE on y) or "language" (cross-entropy).
+    groups: number of ground-truth groups.  output_dim: o (regression) or V (language)."""
+
+    kind: ClassVar[str] = "regression"
+    groups: int
+    output_dim: int
+    vocab: int | None = None
+    vocab_freq: torch.Tensor | None = None
+
+    def sample(self, n: int, g: torch.Generator) -> TaskData:  # pragma: no cover
+        raise NotImplementedError
+
+
+@TASKS.register("local_experts")
+@dataclass(frozen=True)
+class LocalExperts:
+    """K regions, each with its own linear target map (see the module docstring)."""
+
+    regions: int = 4
+    separation: float = 3.0
+    spread: float = 0.5
+    output_dim: int = 4
+    noise: float = 0.0
+
+    def check(self) -> str | None:
+        if self.regions < 2 or self.output_dim < 1:
+            return f"need regions >= 2 and output_dim >= 1, got {self.regions}, {self.output_dim}"
+        if min(self.separation, self.spread, self.noise) < 0:
+            return "separation, spread and noise must be >= 0"
+        return None
+
+    def build(self, dim: int, seed: int) -> "_LocalExpertsInstance":
+        g = torch.Generator().manual_seed(seed)
+        centres = self.separation * torch.randn(self.regions, dim, generator=g)
+        maps = torch.randn(self.regions, dim, self.output_dim, generator=g)
+        return _LocalExpertsInstance(self, centres, maps)
+
+
+class _LocalExpertsInstance(TaskInstance):
+    def __init__(self, task: LocalExperts, centres: torch.Tensor, maps: torch.Tensor):
+        self.task, self.centres, self.maps = task, centres, maps  # [K, d], [K, d, o]
+        self.groups, self.output_dim = task.regions, task.output_dim
+
+    def sample(self, n: int, g: torch.Generator) -> TaskData:
+        k, d = self.centres.shape
+        region = torch.randint(0, k, (n,), generator=g)
+        x = self.centres[region] + self.task.spread * torch.randn(n, d, generator=g)
+        y = torch.bmm(x[:, None, :], self.maps[region])[:, 0] / math.sqrt(d)
+        if self.task.noise:
+            y = y + self.task.noise * torch.randn(y.shape, generator=g)
+        return TaskData(x, None, y, region)
+
+
+@TASKS.register("teacher")
+@dataclass(frozen=True)
+class Teacher:
+    """A random top-1 teacher MoE of `experts` tanh MLPs (see the module docstring)."""
+
+    experts: int = 4
+    expert_hidden: int = 16
+    output_dim: int = 4
+    noise: float = 0.0
+
+    def check(self) -> str | None:
+        if self.experts < 2 or self.expert_hidden < 1 or self.output_dim < 1:
+            return "need experts >= 2, expert_hidden >= 1, output_dim >= 1"
+        return None if self.noise >= 0 else f"noise must be >= 0, got {self.noise}"
+
+    def build(self, dim: int, seed: int) -> "_TeacherInstance":
+        g = torch.Generator().manual_seed(seed)
+        gate = torch.randn(dim, self.experts, generator=g)
+        u = torch.randn(self.experts, dim, self.expert_hidden, generator=g)
+        v = torch.randn(self.experts, self.expert_hidden, self.output_dim, generator=g)
+        return _TeacherInstance(self, gate, u, v)
+
+
+class _TeacherInstance(TaskInstance):
+    def __init__(self, task: Teacher, gate: torch.Tensor, u: torch.Tensor, v: torch.Tensor):
+        self.task, self.gate, self.u, self.v = task, gate, u, v
+        self.groups, self.output_dim = task.experts, task.output_dim
+
+    def targets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y <float32>[n, o], k* <int64>[n]) of the noiseless teacher."""
+        d, f = self.u.shape[1], self.u.shape[2]
+        k = (x @ self.gate).argmax(dim=1)
+        y = x.new_empty(x.shape[0], self.v.shape[2])
+        for e in range(self.u.shape[0]):  # one matmul per teacher expert on its own rows
+            rows = (k == e).nonzero().squeeze(1)
+            y[rows] = torch.tanh(x[rows] @ self.u[e] / math.sqrt(d)) @ self.v[e] / math.sqrt(f)
+        return y, k
+
+    def sample(self, n: int, g: torch.Generator) -> TaskData:
+        x = torch.randn(n, self.u.shape[1], generator=g)
+        y, k = self.targets(x)
+        if self.task.noise:
+            y = y + self.task.noise * torch.randn(y.shape, generator=g)
+        return TaskData(x, None, y, k)
+
+
+def zipf(n: int, s: float) -> torch.Tensor:
+    """<float64>[n]: (r + 1)^-s / Z for r = 0..n-1."""
+    w = torch.arange(1, n + 1, dtype=torch.float64) ** -s
+    return w / w.sum()
+
+
+@TASKS.register("language")
+@dataclass(frozen=True)
+class Language:
+    """Bigram next-token prediction over a Zipf vocabulary with K token classes (module docstring)."""
+
+    vocab: int = 256
+    classes: int = 4
+    s: float = 1.1
+    mix: float = 0.9
+
+    def check(self) -> str | None:
+        if self.vocab < 2 or not 2 <= self.classes <= self.vocab:
+            return f"need vocab >= 2 and 2 <= classes <= vocab, got vocab={self.vocab}, classes={self.classes}"
+        if self.s <= 0 or not 0 <= self.mix <= 1:
+            return f"need s > 0 and 0 <= mix <= 1, got s={self.s}, mix={self.mix}"
+        return None
+
+    def build(self, dim: int, seed: int) -> "_LanguageInstance":
+        g = torch.Generator().manual_seed(seed)
+        perms = torch.stack([torch.randperm(self.vocab, generator=g) for _ in range(self.classes)])
+        return _LanguageInstance(self, perms)
+
+
+class _LanguageInstance(TaskInstance):
+    kind = "language"
+
+    def __init__(self, task: Language, perms: torch.Tensor):
+        self.task, self.perms = task, perms  # perms <int64>[K, V]
+        self.groups, self.output_dim, self.vocab = task.classes, task.vocab, task.vocab
+        self.unigram = zipf(task.vocab, task.s)  # <float64>[V]
+        self.vocab_freq = self.unigram.float()
+
+    def conditional(self) -> torch.Tensor:
+        """<float64>[K, V]: P(next | class) = mix * Zipf(pi_k) + (1 - mix) * unigram."""
+        k, v = self.perms.shape
+        own = torch.zeros(k, v, dtype=torch.float64).scatter_(1, self.perms, self.unigram.expand(k, v).clone())
+        return self.task.mix * own + (1 - self.task.mix) * self.unigram
+
+    def floor_perplexity(self) -> float:
+        """exp(H(next | current)): the perplexity of the true conditional (no model beats it)."""
+        cond = self.conditional()
+        p_class = torch.zeros(self.groups, dtype=torch.float64).index_add_(
+            0, torch.arange(self.task.vocab) % self.groups, self.unigram)
+        h = -(cond * cond.clamp_min(1e-300).log()).sum(1)
+        return float(torch.exp((p_class * h).sum()))
+
+    def sample(self, n: int, g: torch.Generator) -> TaskData:
+        current = torch.multinomial(self.unigram, n, replacement=True, generator=g)
+        cls = current % self.groups
+        rank = torch.multinomial(self.unigram, n, replacement=True, generator=g)
+        other = torch.multinomial(self.unigram, n, replacement=True, generator=g)
+        own = torch.rand(n, generator=g, dtype=torch.float64) < self.task.mix
+        nxt = torch.where(own, self.perms[cls, rank], other)
+        return TaskData(None, current, nxt, cls)
