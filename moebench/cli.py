@@ -42,6 +42,7 @@ def _cmd_run(args) -> int:
         quick=args.quick,
         resume=Path(args.resume) if args.resume else None,
         command="moebench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        isolate=False if args.no_isolate else None,
     )
     if suite.parallel is None and not shard:  # torchrun: the ranks split the cases (one GPU each)
         from moebench.parallel.launch import under_torchrun
@@ -227,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quick", action="store_true", help="smoke run: small sizes, few timing rounds")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run without redoing rows")
     run.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    run.add_argument("--no-isolate", action="store_true",
+                     help="run the routers in this process, overriding the suite's timing.isolate (no crash/hang isolation)")
     run.add_argument("--shard", metavar="I/N", help="run only shard I of N (0 <= I < N) of the cases; join with merge")
     run.set_defaults(fn=_cmd_run)
 

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
-from moebench import side_by_side, tables
+from moebench import phase_status, side_by_side, tables
 from moebench.errors import MoebenchError
 from moebench.html_report import write_html
 from moebench.paths import folder_name_problem, inside
@@ -60,7 +60,7 @@ def build_data(run_dirs: Sequence[str | Path | RunDir]) -> ReportData:
     if not runs:
         raise ValueError("write_report needs at least one run folder")
     dirs = [run for run, _ in runs]
-    rows = tables.load_rows(dirs)
+    rows = tables.blank_untimed(tables.load_rows(dirs))  # no section may show a time of a phase not timed
     batches = tables.load_batches(dirs)
     data = ReportData(runs, rows, batches, loads=tables.load_expert_loads(dirs))
     data.tables = {
@@ -69,6 +69,7 @@ def build_data(run_dirs: Sequence[str | Path | RunDir]) -> ReportData:
         "throughput": tables.throughput_table(rows),
         "streams": tables.stream_table(rows, batches),
         "skipped": tables.skipped_table(rows),
+        "phases_not_timed": phase_status.phases_not_timed_table(rows),
         "scaling": scaling_table(rows),
         "side_by_side": side_by_side_table(rows),
     }
@@ -158,6 +159,8 @@ def _provenance_one(run: RunDir, meta: dict, rows: pd.DataFrame) -> list[str]:
     expected = None
     if isinstance(meta.get("cases"), int) and isinstance(meta.get("routers"), list):
         expected = meta["cases"] * len(meta["routers"])
+    if isinstance(meta.get("planned_rows"), int):  # a train suite's own count (train/spec.py planned_rows)
+        expected = meta["planned_rows"]
     count = f"{len(mine)} rows" + (f" of {expected} planned" if expected is not None else "")
     timing = meta.get("timing") if isinstance(meta.get("timing"), dict) else {}
     lines = [
@@ -212,7 +215,7 @@ def table_section(name: str, title: str, note: str = "") -> Section:
     return section
 
 
-OPTIONAL_TABLES = ("streams", "skipped", "scaling", "side_by_side")
+OPTIONAL_TABLES = ("streams", "skipped", "scaling", "side_by_side", "phases_not_timed")
 
 
 def _side_by_side(data: ReportData, out_dir: Path) -> str | None:
@@ -280,7 +283,9 @@ SECTIONS: list[Section] = [
                   "Capacity per expert (`-` = dropless), dropped assignments and tokens, losses."),
     table_section("throughput", "Throughput",
                   "Per phase: median and IQR of one call in ms, tokens/s at the median, peak MB "
-                  "(where measurable). Timed on the first batch."),
+                  "(where measurable). Timed on the first batch. A phase that was not timed reads "
+                  "`skipped` or `error` (see Phases not timed)."),
+    phase_status.section,
     _side_by_side,
     table_section("streams", "Streams",
                   "Per-batch trajectories over each stream: first, last, mean and worst batch."),
@@ -299,7 +304,7 @@ SECTIONS: list[Section] = [
 # ----------------------------------------------------------------------------- writing
 
 def write_tables(data: ReportData, out_dir: Path) -> list[Path]:
-    """One CSV per table (streams.csv and skipped.csv only when they have rows); returns them."""
+    """One CSV per table (the OPTIONAL_TABLES only when they have rows); returns them."""
     written = []
     for name, table in data.tables.items():
         path = out_dir / f"{name}.csv"

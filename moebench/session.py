@@ -33,13 +33,28 @@ log = logging.getLogger("moebench.session")
 class RunOptions:
     """results_root: where results/<suite>/<run-id>/ goes.  device: None (as the suite says),
     'cpu', 'cuda' or 'all' (cpu plus cuda where present).  quick: smoke-run sizes and timing.
-    resume: an existing run folder to continue.  command: the command line, for the record."""
+    resume: an existing run folder to continue.  command: the command line, for the record.
+    isolate: None (as the suite's ``timing.isolate`` says) or True/False overriding it
+    (``moebench run --no-isolate``); meta.json ``overrides`` records an override."""
 
     results_root: Path = Path("results")
     device: str | None = None
     quick: bool = False
     resume: Path | None = None
     command: str = ""
+    isolate: bool | None = None
+
+
+def run_timing(suite: Suite, options: RunOptions):
+    """The TimingSpec the run uses: the suite's (quick: `quick_timing` of it) with the
+    options' overrides."""
+    timing = quick_timing(suite.timing) if options.quick else suite.timing
+    return timing if options.isolate is None else replace(timing, isolate=options.isolate)
+
+
+def overrides(options: RunOptions) -> dict:
+    """{"timing.isolate": value} for each suite field the options override (meta ``overrides``)."""
+    return {} if options.isolate is None else {"timing.isolate": options.isolate}
 
 
 def plan_cases(suite: Suite, device: str | None, quick: bool) -> list[Case]:
@@ -76,7 +91,10 @@ def _meta(suite: Suite, options: RunOptions, run_id: str, cases: list[Case]) -> 
         "seeds": sorted({c.seed for c in cases}),
         "cases": len(cases),
         "routers": [r.display for r in suite.routers],
-        "timing": vars(quick_timing(suite.timing) if options.quick else suite.timing),
+        # train variants train only their own routers (else the report's default: cases x routers)
+        **({"planned_rows": suite.train.planned_rows(cases, suite.routers)} if suite.train is not None else {}),
+        "timing": vars(run_timing(suite, options)),
+        **({"overrides": overrides(options)} if overrides(options) else {}),
         "environment": capture_environment(devices),
         "started_at": utc_now(),
         "ended_at": None,
@@ -114,6 +132,7 @@ def open_run(suite: Suite, options: RunOptions, cases: list[Case]) -> RunDir:
                 status="running", resumed_at=utc_now(), previous_status="interrupted" if previous == "running" else previous,
                 repairs=list(meta.get("repairs") or []) + repairs, process=process_identity(), heartbeat_at=utc_now(),
                 stopped_by=None,
+                **({"resume_overrides": overrides(options)} if overrides(options) else {}),  # rows from now on
             )
         except BaseException:
             run.lock.release()
@@ -168,7 +187,7 @@ def execute(
         if "reference" not in run.meta():
             run.update_meta(**reference_meta(cases, suite.timing.threads))
         done = run.finished_keys()
-        timing = quick_timing(suite.timing) if options.quick else suite.timing
+        timing = run_timing(suite, options)
         run_id = run.meta()["run_id"]
         beat = time.monotonic()
         for case in progress(cases, len(cases)):

@@ -330,7 +330,9 @@ class _Validator:
         if total > MAX_CASES:
             self.fail("grid", f"expands to {total} cases (before removing repeats); at most {MAX_CASES} are allowed")
         parts = [self.expand(axes) for axes in grids]
-        unique = {c.case_id: c for part in parts for c in part if train is None or train.keeps(c)}
+        if train is not None:  # the cases it trains, named by their training capacity (moebench/train/spec.py)
+            parts = [train.trained_cases(part) for part in parts]
+        unique = {c.case_id: c for part in parts for c in part}
         if len(unique) > MAX_CASES:
             self.fail("grid", f"expands to {len(unique)} cases; at most {MAX_CASES} are allowed")
         return tuple(unique.values())

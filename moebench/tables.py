@@ -205,12 +205,16 @@ def drops_table(df: pd.DataFrame) -> pd.DataFrame:
 def throughput_table(df: pd.DataFrame) -> pd.DataFrame:
     """Speed per case x router: for each phase the median and IQR in ms, tokens/s, the median
     over the case's memcopy bound (``<phase>.x_memcopy``) and the peak memory in MB
-    (``<phase>.peak_mb``); the last two only where some row has them; then threads."""
-    df = _ensure_labels(df)
+    (``<phase>.peak_mb``); the last two only where some row has them; then threads.
+
+    Rows with per-phase status keep ``<phase>.status``, and a phase that is not ok has no
+    number in any of its columns (:func:`markdown_table` writes its status there instead)."""
+    df = blank_untimed(_ensure_labels(df))
     ok = _ok(df)
     columns = []
     for phase in PHASES:
-        columns += [f"{phase}.median_ms", f"{phase}.iqr_ms", f"{phase}.tokens_per_s"]
+        status = [f"{phase}.status"] if f"{phase}.status" in df.columns else []
+        columns += [*status, f"{phase}.median_ms", f"{phase}.iqr_ms", f"{phase}.tokens_per_s"]
         if f"{phase}.x_memcopy" in ok.columns and ok[f"{phase}.x_memcopy"].notna().any():
             columns.append(f"{phase}.x_memcopy")
         peak = f"{phase}.peak_mem_bytes"
@@ -218,6 +222,21 @@ def throughput_table(df: pd.DataFrame) -> pd.DataFrame:
             df = df.assign(**{f"{phase}.peak_mb": pd.to_numeric(df[peak], errors="coerce") / 2**20})
             columns.append(f"{phase}.peak_mb")
     return _select(df, columns + ["threads"])
+
+
+def blank_untimed(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with every ``<phase>.*`` number set to NaN where ``<phase>.status`` is present and
+    not ok: a skipped or failed phase must not show a time (a stale or partial one included)."""
+    df = df.copy()
+    for phase in PHASES:
+        status = df.get(f"{phase}.status")
+        if status is None:
+            continue
+        untimed = status.notna() & (status != "ok")
+        numbers = [c for c in df.columns if c.startswith(f"{phase}.")
+                   and c.split(".", 1)[1] not in ("status", "reason", "error_at")]
+        df.loc[untimed, numbers] = np.nan
+    return df
 
 
 def stream_table(df_rows: pd.DataFrame, batches_df: pd.DataFrame) -> pd.DataFrame:
@@ -368,9 +387,10 @@ def markdown_table(table: pd.DataFrame, hide: Iterable[str] = KEY_TAIL, bold: bo
     """A GitHub Markdown table of ``table`` without the ``hide`` columns.
 
     The best value of each case is bolded (see :func:`best_mask`); a case label repeated on
-    consecutive rows is written once. Numeric columns are right-aligned.
+    consecutive rows is written once. Numeric columns are right-aligned. ``<phase>.status``
+    columns are not shown: a phase that is not ok has its status in its cells.
     """
-    hide = set(hide)
+    hide = set(hide) | {f"{p}.status" for p in PHASES}  # shown in their phase's cells instead
     shown = [c for c in table.columns if c not in hide]
     if table.empty:
         return "_No rows._"
@@ -384,7 +404,10 @@ def markdown_table(table: pd.DataFrame, hide: Iterable[str] = KEY_TAIL, bold: bo
         cells = []
         for c in shown:
             text = format_value(c, row[c], integer[c])
-            if c == "case":
+            untimed = row.get(f"{c.split('.', 1)[0]}.status") if "." in c else None
+            if isinstance(untimed, str) and untimed != "ok":
+                text = untimed  # "skipped"/"error", not "-": the phase was not timed at all
+            elif c == "case":
                 text, previous_case = ("" if text == previous_case else text), text
             elif mask.at[idx, c]:
                 text = f"**{text}**"

@@ -47,6 +47,7 @@ def adversarial_logits(t: int, e: int, seed: int = 0) -> dict[str, torch.Tensor]
         "all_equal": torch.zeros(t, e),
         "few_values": torch.randint(0, 3, (t, e), generator=g).float(),
         "extremes": torch.randint(-1, 2, (t, e), generator=g).float() * 1e4,
+        "huge_spread": torch.randn(t, e, generator=g) * 1e3,
         "near_ties": 1.0 + torch.randint(0, 2, (t, e), generator=g).float() * 1.2e-7,
         "signed_zeros": torch.where(torch.rand(t, e, generator=g) < 0.5, -0.0, 0.0),
     }

@@ -25,6 +25,7 @@ from moebench.drop_policies import keep_within_capacity, position_priority, prob
 from moebench.errors import MoebenchError  # noqa: E402
 from moebench.routers import RouteContext, RouteInputs, RouterState, create_router  # noqa: E402
 from moebench.routers.base import normalize_weights, top_k_experts  # noqa: E402
+from _capture_cases import adversarial_logits  # one set of tie and extreme inputs for every path
 
 FIELDS = ("token_index", "expert_index", "choice", "weight", "kept", "probs", "logits")
 
@@ -57,19 +58,6 @@ def assert_same_routing(name, logits, top_k, capacity, policy, bias=None, **para
         scores = scores + bias
     assert torch.equal(chosen, stable_top_k(scores, top_k))
     return b
-
-
-def adversarial_logits(t, e, seed=0):
-    """Named logits [T, E] that stress ties and extremes."""
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "normal": torch.randn(t, e, generator=g),
-        "all_equal": torch.zeros(t, e),
-        "few_values": torch.randint(0, 3, (t, e), generator=g).float(),
-        "extremes": torch.randint(-1, 2, (t, e), generator=g).float() * 1e4,
-        "huge_spread": torch.randn(t, e, generator=g) * 1e3,
-        "near_ties": 1.0 + torch.randint(0, 2, (t, e), generator=g).float() * 1.2e-7,
-    }
 
 
 def capacities(t, e, k):

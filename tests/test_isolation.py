@@ -195,3 +195,31 @@ def test_timing_fields_are_validated(field, value, expected):
     doc["timing"] = {"timeout_s": None, "isolate": False}
     timing = validate_document(doc, "s.yaml").timing
     assert (timing.timeout_s, timing.isolate) == (None, False)
+
+
+def test_no_isolate_runs_in_process_and_is_recorded(tmp_path, monkeypatch, capsys):
+    """`moebench run --no-isolate` on a suite with timing.isolate true: no worker starts (nor
+    is the isolated path entered, which would also count nothing with a worker left running
+    by an earlier test), the rows are measured, and meta.json records the override. The same
+    suite without the flag takes the isolated path (stubbed here: no worker start needed)."""
+    import moebench.isolation as isolation
+    from moebench.cli import main
+
+    path = suite_file(tmp_path, [GOOD[0]], "isolate: true")
+    path.write_text(path.read_text().replace("[uniform, zipf]", "uniform"))
+    entered = []
+    monkeypatch.setattr(isolation, "isolated_rows", lambda *args, **kwargs: entered.append(args) or iter(()))
+    starts = WORKERS.starts
+    assert main(["run", str(path), "--no-isolate", "--no-report", "--results", str(tmp_path / "r")]) == 0
+    assert WORKERS.starts == starts and entered == []
+    (run_dir,) = (tmp_path / "r" / "faults").iterdir()
+    run = load_run(run_dir)
+    (row,) = run.rows()
+    assert row["status"] == "ok" and row["route.median_ms"] > 0
+    meta = run.meta()
+    assert meta["timing"]["isolate"] is False and meta["overrides"] == {"timing.isolate": False}
+    capsys.readouterr()
+    assert main(["run", str(path), "--no-report", "--results", str(tmp_path / "r2")]) == 0
+    assert len(entered) == 1  # the suite's own isolate: true
+    (run_dir,) = (tmp_path / "r2" / "faults").iterdir()
+    assert load_run(run_dir).meta()["timing"]["isolate"] is True and "overrides" not in load_run(run_dir).meta()

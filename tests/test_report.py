@@ -1,6 +1,7 @@
 """Reports from a hand-made run folder: tables, bold best values, streams, skipped rows, CSVs."""
 
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -255,3 +256,111 @@ def test_formatting():
 
 def test_markdown_empty_and_escaping():
     assert markdown_table(balance_table(pd.DataFrame(columns=["run_id", "case_id", "router", "status"]))) == "_No rows._"
+
+
+PHASE_SUITE = """
+name: phases
+version: 1
+grid: {workload: [uniform, zipf], tokens: 64, experts: 4, top_k: 2, capacity_factor: 1.0}
+routers: [topk, sinkhorn]
+timing: {warmup_rounds: 0, min_rounds: 2, max_rounds: 2, min_time_s: 0.0, threads: 1, isolate: false}
+"""
+SIMULATED = "RuntimeError: simulated capture failure: operation not permitted when stream is capturing"
+
+
+@pytest.fixture
+def phase_run(tmp_path, monkeypatch):
+    """A real in-process run where Sinkhorn's route is a skipped phase in both cases (as in
+    cuda_graph mode) and preparing topk's dispatch raises in the first case (uniform), the
+    way tests/test_capture_runner.py simulates a failed capture."""
+    import moebench.runner as runner
+    from moebench.modes import PhaseSkip
+    from moebench.session import RunOptions, execute
+    from moebench.suite import load_suite
+
+    real_builders, real_prepare, seen = runner.phase_builders, runner.prepare, []
+
+    def builders(router, *args, **kwargs):
+        out = real_builders(router, *args, **kwargs)
+        if router.name == "sinkhorn":
+            out["route"] = lambda: PhaseSkip("route: Sinkhorn's tolerance loop cannot be captured")
+        elif router.name == "topk" and not seen:
+            seen.append(router)
+            build = out["dispatch"]
+
+            def failing():
+                fn = build()
+                marked = lambda: fn()  # noqa: E731
+                marked.fail = True
+                return marked
+
+            out["dispatch"] = failing
+        return out
+
+    def prepare(fn, mode, device, generators=()):
+        if getattr(fn, "fail", False):
+            raise RuntimeError(SIMULATED.split(": ", 1)[1])
+        return real_prepare(fn, mode, device, generators)
+
+    monkeypatch.setattr(runner, "phase_builders", builders)
+    monkeypatch.setattr(runner, "prepare", prepare)
+    path = tmp_path / "phases.yaml"
+    path.write_text(PHASE_SUITE)
+    return execute(load_suite(path), RunOptions(results_root=tmp_path / "results")).path
+
+
+def test_phases_not_timed_section_and_throughput_cells(phase_run, tmp_path):
+    path = write_report([phase_run], tmp_path / "reports")
+    text = path.read_text()
+    assert "## Phases not timed" in text and text.index("## Throughput") < text.index("## Phases not timed")
+    assert "## Skipped and failed rows" not in text  # every row is ok; only phases are not
+    section = text.split("## Phases not timed\n", 1)[1].split("\n## ", 1)[0]
+    table = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    split = lambda line: [c.strip() for c in line.strip().strip("|").split(" | ")]
+    header, *body = map(split, table)
+    assert header == ["router", "phase", "status", "reason", "rows", "cases"]
+    grouped = {(r[0], r[1]): r for r in body}
+    assert len(body) == 2  # two sinkhorn cases with one reason: one line
+    skip = grouped["sinkhorn", "route"]
+    assert skip[2:5] == ["skipped", "route: Sinkhorn's tolerance loop cannot be captured", "2 of 2"]
+    assert skip[5] == "uniform T=64 E=4 k=2 cf=1; zipf T=64 E=4 k=2 cf=1"
+    err = grouped["topk", "dispatch"]
+    assert err[2] == "error" and err[3].startswith(SIMULATED + " (at `moebench/runner.py:")
+    assert err[4:] == ["1 of 2", "uniform T=64 E=4 k=2 cf=1"]
+
+    per_case = pd.read_csv(path.parent / "phases_not_timed.csv")
+    assert list(zip(per_case["router"], per_case["phase"], per_case["status"])) == [
+        ("topk", "dispatch", "error"), ("sinkhorn", "route", "skipped"), ("sinkhorn", "route", "skipped")]
+    assert per_case["error_at"].iloc[0].startswith("moebench/runner.py:") and per_case["error_at"].iloc[1:].isna().all()
+
+    speed = {(r["case"].split()[0], r["router"]): r for r in md_table(text, "Throughput")}
+    assert "route.status" not in speed["uniform", "topk"]  # the status shows in the cells instead
+    for workload in ("uniform", "zipf"):
+        s = speed[workload, "sinkhorn"]
+        assert s["route.median_ms"] == s["route.iqr_ms"] == s["route.tokens_per_s"] == "skipped"
+        assert float(s["dispatch.median_ms"].strip("*")) > 0
+    assert speed["uniform", "topk"]["dispatch.median_ms"] == "error"
+    assert speed["uniform", "topk"]["dispatch.tokens_per_s"] == "error"
+    assert float(speed["zipf", "topk"]["dispatch.median_ms"].strip("*")) > 0
+    csv = pd.read_csv(path.parent / "throughput.csv").set_index(["case", "router"])
+    assert csv.loc[("uniform T=64 E=4 k=2 cf=1", "topk"), "dispatch.status"] == "error"
+    assert math.isnan(csv.loc[("uniform T=64 E=4 k=2 cf=1", "topk"), "dispatch.median_ms"])
+
+
+def test_a_phase_not_ok_never_shows_a_number(run_a, tmp_path):
+    """A row whose route is an error but still carries route numbers (a partial or older
+    writer): the throughput table shows `error`, and the best route goes to the next router."""
+    assert "## Phases not timed" not in write_report([run_a], tmp_path / "reports").read_text()
+    run = RunDir(run_a)
+    row = _ok_row(run_a.name, CASE_A, "topk")  # the fastest route of zipf-A, 2M tokens/s
+    row.update({"route.status": "error", "route.reason": "MemoryError: out of memory", "route.error_at": "x.py:1"})
+    run.append_row(row)  # the later duplicate wins
+    path = write_report([run_a], tmp_path / "reports")
+    text = path.read_text()
+    speed = {(r["case"].split()[0], r["router"]): r for r in md_table(text, "Throughput")}
+    assert speed["zipf", "topk"]["route.median_ms"] == speed["zipf", "topk"]["route.tokens_per_s"] == "error"
+    assert speed["zipf", "expert_choice"]["route.tokens_per_s"] == "**1.5M**"
+    assert speed["zipf", "topk"]["dispatch.tokens_per_s"] == "**2M**"  # its other phases stay
+    assert "| topk | route | error | MemoryError: out of memory (at `x.py:1`) | 1 of 2 |" in text
+    side = pd.read_csv(path.parent / "side_by_side.csv")
+    assert side.loc[side["case"].str.startswith("zipf"), "topk"].isna().all()

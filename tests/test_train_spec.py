@@ -105,3 +105,27 @@ def test_variant_top_k_restricts_the_cases():
     }, grid={"experts": 4, "top_k": [1, 2], "hidden": 8}), "s.yaml")
     assert sorted((c.workload.display, c.top_k) for c in suite.cases) == [
         ("teacher+both", 1), ("teacher+both", 2), ("teacher+one", 1)]
+
+
+def test_a_variants_training_capacity_names_its_case_and_planned_rows_count_its_routers():
+    """The case axis (id, row) says the factor training uses, not the suite default; the
+    planned row count is the (case, router) pairs the variants train, not cases x routers."""
+    suite = validate_document(doc({
+        "steps": 10, "tokens_per_step": 64, "task": "teacher",
+        "variants": {"drops": {"capacity_factor": {"train": 1.25, "eval": 2.0}, "routers": ["switch"]},
+                     "plain": {}},
+    }, grid={"experts": 4, "top_k": 1, "hidden": 8, "capacity_factor": None}), "s.yaml")
+    by_label = {c.workload.display: c for c in suite.cases}
+    assert by_label["teacher+drops"].capacity_factor == 1.25
+    assert "-cf1.25-" in by_label["teacher+drops"].case_id
+    assert by_label["teacher+plain"].capacity_factor is None and "-dropless-" in by_label["teacher+plain"].case_id
+    assert suite.train.planned_rows(suite.cases, suite.routers) == 1 + 2  # drops: switch; plain: both routers
+    assert len(suite.cases) * len(suite.routers) == 4
+
+
+def test_a_training_capacity_equal_to_the_case_keeps_the_case_id():
+    grid = {"experts": 4, "top_k": 1, "hidden": 8, "capacity_factor": 1.25}
+    plain = validate_document(doc(grid=grid), "s.yaml").cases[0]
+    same = validate_document(doc({"steps": 10, "tokens_per_step": 64, "task": "local_experts",
+                                  "capacity_factor": {"train": 1.25, "eval": 2.0}}, grid=grid), "s.yaml").cases[0]
+    assert same.case_id == plain.case_id

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from moebench.capture.select import CAPTURABLE_POLICIES, choose_static, finish_static, top_k_static
 from moebench.routers.base import RouteContext, RouteInputs, Router, TokenChoiceRouter, normalize_weights, uniform_probs
@@ -76,19 +75,8 @@ def route_deepseek(router: DeepSeek, inputs: RouteInputs, ctx: RouteContext) -> 
 
 @_capture_form(NoisyTopK)
 def route_noisy_topk(router: NoisyTopK, inputs: RouteInputs, ctx: RouteContext) -> Routing:
-    logits = inputs.logits.float()
-    t, e = logits.shape
-    eps = torch.randn(t, e, generator=ctx.generator, device=logits.device)
-    if router.noise_gate:  # W_noise is cached in the state by the first (warm-up) call
-        h = inputs.hidden.float()
-        sigma = F.softplus(h @ router._noise_weights(h.shape[1], e, h.device, ctx))
-    else:
-        sigma = router.noise_std
-    noisy = logits + eps * sigma
-    probs = torch.softmax(noisy, dim=-1)
-    top = torch.topk(router.selection_scores(noisy, ctx), ctx.top_k, dim=-1)
-    weight = torch.softmax(noisy.gather(1, top.indices), dim=-1)
-    return finish_static(router, top.indices, weight, probs, logits, ctx)
+    # the noisy choice is already static (randn, topk, gather); only capacity differs
+    return finish_static(router, *router.choose(inputs, ctx), ctx)
 
 
 @_capture_form(RandomRouter)

@@ -119,7 +119,10 @@ class NoisyTopK(TokenChoiceRouter):
             cache[key] = (torch.randn(d, e, generator=g) / d**0.5).to(device)
         return cache[key]
 
-    def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:
+    def choose(self, inputs: RouteInputs, ctx: RouteContext) -> tuple[torch.Tensor, ...]:
+        """(experts <int64>[T, k], weights <float32>[T, k], probs <float32>[T, E], logits
+        <float32>[T, E]) before capacity: the noisy top-k (also the CUDA-graph form's, which
+        only finishes them differently)."""
         logits = inputs.logits.float()
         t, e = logits.shape
         eps = torch.randn(t, e, generator=ctx.generator, device=logits.device)
@@ -132,7 +135,10 @@ class NoisyTopK(TokenChoiceRouter):
         probs = torch.softmax(noisy, dim=-1)
         top = torch.topk(self.selection_scores(noisy, ctx), ctx.top_k, dim=-1)
         weight = torch.softmax(noisy.gather(1, top.indices), dim=-1)
-        return self.finish(top.indices, weight, probs, logits, ctx)
+        return top.indices, weight, probs, logits
+
+    def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:
+        return self.finish(*self.choose(inputs, ctx), ctx)
 
 
 @register("gshard")

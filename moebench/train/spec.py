@@ -17,7 +17,8 @@ slot (a train suite names no workload), so case ids, rows and reports name it li
       probe_tokens: 256        # fixed probe set for routing fluctuation
       seeds: [0, 1, 2]         # training seeds (init, batches, noise); the case seed draws the task
       task: {name: local_experts, params: {regions: 4}}   # or a list of tasks
-      capacity_factor: {train: 1.25, eval: 2.0}           # else the case's factor for both
+      capacity_factor: {train: 1.25, eval: 2.0}           # else the case's factor for both; `train`
+                               # becomes the case's capacity_factor (its id and rows say it)
       gate_noise: 0.0          # std of N(0, 1) noise added to the gate logits while training
       gate_init: {std: 1.0, skew: 0.0, favoured: 1}        # W_gate ~ N(0, std^2/d); logit bias
                                # +skew on the first `favoured` experts (a gate that starts skewed)
@@ -39,7 +40,7 @@ With variants, each task x variant is one workload labelled `<task>+<variant>`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, NoReturn
 
 from moebench.case import NamedSpec
@@ -102,6 +103,30 @@ class TrainSpec:
         """Whether the expanded case is trained (a variant may restrict top_k)."""
         allowed = self.top_ks.get(case.workload.display)
         return allowed is None or case.top_k in allowed
+
+    def trained_cases(self, cases) -> list:
+        """The expanded cases this suite trains (`keeps`), each with its capacity_factor axis set
+        to the factor training uses where the (variant's) block gives one, so the case id and
+        the row's capacity_factor say what training does; the evaluation factor shows in the
+        row's eval_capacity. Cases that become equal are one case (the suite dedups by id)."""
+        out = []
+        for case in cases:
+            if not self.keeps(case):
+                continue
+            spec, _ = self.for_workload(case.workload.display)
+            if spec.capacity_train != UNSET and spec.capacity_train != case.capacity_factor:
+                case = replace(case, capacity_factor=spec.capacity_train)
+            out.append(case)
+        return out
+
+    def planned_rows(self, cases, routers) -> int:
+        """How many (case, router) rows the train runner writes for ``cases``: a variant
+        trains only its own routers (train_rows skips the others)."""
+        total = 0
+        for case in cases:
+            _, allowed = self.for_workload(case.workload.display)
+            total += sum(1 for r in routers if allowed is None or r.display in allowed)
+        return total
 
     @property
     def interval(self) -> int:
@@ -264,7 +289,6 @@ def _with_variants(base: TrainSpec, value: dict, fail: Fail, named, routers: lis
                 workloads[f"{task.display}+{name}"] = (spec, picked.get("routers"))
                 if "top_k" in picked:
                     top_ks[f"{task.display}+{name}"] = picked["top_k"]
-    from dataclasses import replace
     return replace(base, workloads=workloads, top_ks=top_ks)
 
 
