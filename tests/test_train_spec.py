@@ -129,3 +129,17 @@ def test_a_training_capacity_equal_to_the_case_keeps_the_case_id():
     same = validate_document(doc({"steps": 10, "tokens_per_step": 64, "task": "local_experts",
                                   "capacity_factor": {"train": 1.25, "eval": 2.0}}, grid=grid), "s.yaml").cases[0]
     assert same.case_id == plain.case_id
+
+
+def test_a_variant_run_records_its_planned_rows_and_the_report_counts_them(tmp_path):
+    from moebench.report import write_report
+    from moebench.session import RunOptions, execute
+
+    suite = validate_document(doc({
+        "steps": 2, "tokens_per_step": 16, "task": "teacher", "eval_tokens": 16, "probe_tokens": 8,
+        "expert_hidden": 4, "variants": {"one": {"routers": ["switch"]}, "both": {}},
+    }, timing={"threads": 1}), "s.yaml")
+    run = execute(suite, RunOptions(results_root=tmp_path / "results"))
+    assert len(run.rows()) == 3 and run.meta()["planned_rows"] == 3  # not 2 cases x 2 routers
+    text = write_report([run.path], tmp_path / "reports").read_text()
+    assert "3 rows of 3 planned" in text
