@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--settings", default=",".join(SETTINGS), help="comma list of: " + ", ".join(SETTINGS))
+    p.add_argument("--min-time", type=float, default=0.2,
+                   help="timing.min_time_s of each moebench measure (default 0.2, the suites' default)")
     p.add_argument("--routers", default=",".join(ROUTERS), help="comma list of: " + ", ".join(ROUTERS))
     p.add_argument("--tokens", type=int, default=65536)
     p.add_argument("--experts", type=int, default=64)
@@ -249,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = {"tokens": 4096 if args.quick else args.tokens, "experts": args.experts, "top_k": 2,
             "calls": 30 if args.quick else args.calls, "other_calls": 10 if args.quick else args.other_calls,
             "repeats": args.repeats, "routers": routers, "timer_s": 0.2 if args.quick else 1.0,
-            "min_time_s": 0.05 if args.quick else 0.2}
+            "min_time_s": 0.05 if args.quick else args.min_time}
     print(f"# T={spec['tokens']} E={spec['experts']} k=2 cf=1.25 position; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores; load before: {loadavg()}", flush=True)
     results = {}
