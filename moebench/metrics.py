@@ -183,3 +183,13 @@ def routing_metrics(routing: Routing) -> dict[str, float]:
         "router_confidence": float(routing.kept_weight_per_token().double().mean()),
         "gate_entropy": float(_entropy(probs).mean()),
     }
+
+
+def mean_over_batches(per_batch: list[dict]) -> dict:
+    """Each metric's mean over a stream's batches (``routing_metrics`` of each), ignoring the
+    batches where it is undefined (None or NaN); NaN where it is undefined in all."""
+    out = {}
+    for key in per_batch[0]:
+        values = [m[key] for m in per_batch if m[key] is not None and not math.isnan(m[key])]
+        out[key] = sum(values) / len(values) if values else math.nan
+    return out

@@ -20,7 +20,7 @@ from moebench.case import Case, NamedSpec, TimingSpec
 from moebench.dispatch import combine, dispatch
 from moebench.errors import WorkloadMismatchError
 from moebench.memory_estimate import STREAM_CACHE_BYTES, memory_problem
-from moebench.metrics import expert_loads, routing_metrics
+from moebench.metrics import expert_loads, mean_over_batches, routing_metrics
 from moebench.modes import Phase, PhaseSkip, mode_problem, moebench_site, prepare, release_after_failure
 from moebench.routers.base import RouteContext, RouteInputs, Router
 from moebench.routers.registry import ROUTERS
@@ -59,21 +59,13 @@ def quick_case(case: Case) -> Case:
 
 
 def quick_timing(timing: TimingSpec) -> TimingSpec:
-    return replace(QUICK_TIMING, threads=timing.threads, enabled=timing.enabled, cpu_memory=timing.cpu_memory,
-                   mode=timing.mode, cpu_allocator=timing.cpu_allocator, timeout_s=timing.timeout_s,
-                   isolate=timing.isolate)
+    """``timing`` with QUICK_TIMING's rounds (every other setting, new ones included, kept)."""
+    rounds = ("warmup_rounds", "min_rounds", "max_rounds", "min_time_s")
+    return replace(timing, **{f: getattr(QUICK_TIMING, f) for f in rounds})
 
 
 def cuda_available() -> bool:
     return torch.cuda.is_available()
-
-
-def _mean_metrics(per_batch: list[dict]) -> dict:
-    out = {}
-    for key in per_batch[0]:
-        values = [m[key] for m in per_batch if m[key] is not None and not math.isnan(m[key])]
-        out[key] = sum(values) / len(values) if values else math.nan
-    return out
 
 
 def phase_builders(router: Router, inputs: RouteInputs, ctx: RouteContext, routing: Routing,
@@ -285,7 +277,7 @@ class CaseRunner:
                     timed_ctx = replace(ctx, generator=generator(c.device, c.seed, ROUTER_STREAM))
                     row.update(_time_phases(router, inputs, timed_ctx, routing, self.timing, c.device, self.bounds()))
             router.update_state(state, routing)
-        row.update(_mean_metrics(per_batch))
+        row.update(mean_over_batches(per_batch))
         key = {"run_id": row.get("run_id"), "case_id": row["case_id"], "router": row["router"]}
         return [{**key, "batch": b, **m} for b, m in enumerate(per_batch)], {**key, "batch": 0, "loads": first_loads}
 

@@ -145,16 +145,17 @@ def open_run(suite: Suite, options: RunOptions, cases: list[Case]) -> RunDir:
     return run
 
 
-def case_rows(suite: Suite, case: Case, timing, base_row: dict, skip: set[str]) -> Iterable:
+def case_rows(suite: Suite, case: Case, timing, base_row: dict, skip: set[str], quick: bool = False) -> Iterable:
     """The RowResults of one case, one per router not in ``skip``: the one place where a new
     kind of case (isolated, trained, parallel) plugs into the run loop.
 
     With ``timing.isolate`` the routers run in a worker process (moebench/isolation.py): a
-    router that segfaults, hangs past ``timing.timeout_s`` or exits gives an error row."""
+    router that segfaults, hangs past ``timing.timeout_s`` or exits gives an error row. quick:
+    the run is `--quick` (training shortens itself to a smoke run)."""
     if suite.train is not None:  # a training suite: one trained MoE layer per router (moebench/train/)
         from moebench.train.loop import train_rows
 
-        return train_rows(suite, case, timing, base_row, skip)
+        return train_rows(suite, case, timing, base_row, skip, quick)
     if suite.parallel is not None:  # expert-parallel ranks or the cost model (moebench/parallel/)
         from moebench.parallel.rows import parallel_rows
 
@@ -192,7 +193,8 @@ def execute(
         beat = time.monotonic()
         for case in progress(cases, len(cases)):
             skip = {label for cid, label in done if cid == case.case_id}
-            for result in case_rows(suite, case, timing, {"run_id": run_id, "suite": suite.name}, skip):
+            for result in case_rows(suite, case, timing, {"run_id": run_id, "suite": suite.name}, skip,
+                                    options.quick):
                 # the row goes last: it marks the router done for --resume
                 run.append_batches(result.batches)
                 run.append_loads(result.loads)

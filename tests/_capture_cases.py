@@ -73,3 +73,14 @@ def fresh_generator(ctx: RouteContext) -> RouteContext:
     from dataclasses import replace
 
     return replace(ctx, generator=torch.Generator().manual_seed(0))
+
+
+def tied_assignments(a: int, e: int, seed: int, distinct: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert <int64>[k, T], score <float32>[k, T]) of about ``a`` assignments, rank-major,
+    k = 1 + seed % 3, scores from only ``distinct`` values: capacity under many ties."""
+    g = torch.Generator().manual_seed(seed)
+    k = 1 + seed % 3
+    t = -(-a // k)
+    expert = torch.randint(0, e, (k, t), generator=g)
+    score = torch.randint(0, distinct, (k, t), generator=g).float() / distinct
+    return expert, score

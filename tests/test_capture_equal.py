@@ -13,7 +13,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _capture_cases import POLICIES, ROUTER_CONFIGS, adversarial_logits, config_id, fresh_generator, make_case
+from _capture_cases import (POLICIES, ROUTER_CONFIGS, adversarial_logits, config_id, fresh_generator, make_case,
+                            tied_assignments)
 from moebench.capture import capture_route, combine_static, dispatch_static, keep_static, top_k_static
 from moebench.capture.select import order_keys
 from moebench.dispatch import combine, dispatch
@@ -151,11 +152,7 @@ def test_order_keys_are_distinct_and_ordered():
 @given(a=st.integers(1, 2000), e=st.integers(1, 40), capacity=st.integers(0, 300), seed=st.integers(0, 10**6),
        distinct=st.integers(1, 6))
 def test_keep_static_matches_keep_within_capacity(a, e, capacity, seed, distinct):
-    g = torch.Generator().manual_seed(seed)
-    k = 1 + seed % 3
-    t = -(-a // k)
-    expert = torch.randint(0, e, (k, t), generator=g)
-    score = torch.randint(0, distinct, (k, t), generator=g).float() / distinct  # many ties
+    expert, score = tied_assignments(a, e, seed, distinct)
     for priority in (position_priority(expert, score), probs_priority(expert, score)):
         flat, prio = expert.reshape(-1), priority.reshape(-1)
         assert torch.equal(keep_static(flat, prio, capacity, e), keep_within_capacity(flat, prio, capacity, e))

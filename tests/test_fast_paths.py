@@ -25,7 +25,7 @@ from moebench.drop_policies import keep_within_capacity, position_priority, prob
 from moebench.errors import MoebenchError  # noqa: E402
 from moebench.routers import RouteContext, RouteInputs, RouterState, create_router  # noqa: E402
 from moebench.routers.base import normalize_weights, top_k_experts  # noqa: E402
-from _capture_cases import adversarial_logits  # one set of tie and extreme inputs for every path
+from _capture_cases import adversarial_logits, tied_assignments  # one set of tie and extreme inputs for every path
 
 FIELDS = ("token_index", "expert_index", "choice", "weight", "kept", "probs", "logits")
 
@@ -243,11 +243,7 @@ def test_topk_select_signed_zero_and_infinities():
 @given(a=st.integers(1, 3000), e=st.integers(1, 70), capacity=st.integers(0, 400), seed=st.integers(0, 10**6),
        distinct=st.integers(1, 6))
 def test_capacity_kernels_match_keep_within_capacity(a, e, capacity, seed, distinct):
-    g = torch.Generator().manual_seed(seed)
-    k = 1 + seed % 3
-    t = -(-a // k)
-    expert = torch.randint(0, e, (k, t), generator=g)
-    score = torch.randint(0, distinct, (k, t), generator=g).float() / distinct  # many ties
+    expert, score = tied_assignments(a, e, seed, distinct)
     flat = expert.reshape(-1)
     want_pos = keep_within_capacity(flat, position_priority(expert, score).reshape(-1), capacity, e)
     want_probs = keep_within_capacity(flat, probs_priority(expert, score).reshape(-1), capacity, e)

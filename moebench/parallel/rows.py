@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 import torch
 
 from moebench.case import Case
-from moebench.metrics import expert_loads, routing_metrics
+from moebench.metrics import expert_loads, mean_over_batches, routing_metrics
 from moebench.parallel import costmodel
 from moebench.parallel.layer import concat_routings, global_batches, route_shard
 from moebench.parallel.placement import Placement, contiguous, make_placement, rank_imbalance
@@ -45,14 +45,6 @@ def parallel_rows(suite, case: Case, timing, base_row: dict, skip: set[str]) -> 
 def _row(base: dict, named) -> dict:
     return {**base, "router": named.display, "router_name": named.name, "router_params": named.params_json(),
             "status": "ok", "reason": None}
-
-
-def _mean(per_batch: list[dict]) -> dict:
-    out = {}
-    for key in per_batch[0]:
-        values = [m[key] for m in per_batch if m[key] is not None and not math.isnan(m[key])]
-        out[key] = sum(values) / len(values) if values else math.nan
-    return out
 
 
 def _inter_node(rows: torch.Tensor, per_node: int) -> float:
@@ -122,7 +114,7 @@ def engine_row(case: Case, spec: ParallelSpec, record: dict, base: dict) -> RowR
     rank_layer = torch.tensor([t["layer"] for t in timed])
     rank_expert = torch.tensor([t["experts"] for t in timed])
     global_load = routing.load().double()
-    row.update(_mean(per_batch))
+    row.update(mean_over_batches(per_batch))
     row.update({
         "backend": record["backend"], "world_size": world, "ep": world, "nodes": spec.nodes,
         "placement_policy": placement.policy, "capacity": routing.capacity,
@@ -211,7 +203,7 @@ def _model_row(case: Case, spec: ParallelSpec, named, batches, row: dict) -> Row
     c_bytes = spec.combine_bytes or ELEMENT_BYTES[case.dtype]
     hidden = spec.wire_hidden or case.hidden
     flops = costmodel.mlp_flops_per_row(hidden, spec.ffn_hidden) if spec.experts == "mlp" else 0.0
-    row.update(_mean(per_batch))
+    row.update(mean_over_batches(per_batch))
     row.update({"wire_hidden": hidden, "profile": profile.name, "profile_source": profile.source, "ep_sizes": json.dumps(list(spec.ep))})
     for ep in spec.ep:
         nodes = max(1, ep // profile.gpus_per_node)

@@ -257,20 +257,14 @@ def _mean(values) -> float:
 QUICK_STEPS = 4
 
 
-def is_quick(timing) -> bool:
-    """Whether the run is `--quick`: the session hands its quick timing (runner.quick_timing)."""
-    from moebench.runner import QUICK_TIMING
-
-    fields = ("warmup_rounds", "min_rounds", "max_rounds", "min_time_s")
-    return all(getattr(timing, f) == getattr(QUICK_TIMING, f) for f in fields)
-
-
-def train_rows(suite, case: Case, timing, base_row: dict, skip: set[str]) -> Iterator[TrainRowResult]:
-    """One TrainRowResult per router of the suite not in ``skip`` (see the module docstring)."""
+def train_rows(suite, case: Case, timing, base_row: dict, skip: set[str],
+               quick: bool = False) -> Iterator[TrainRowResult]:
+    """One TrainRowResult per router of the suite not in ``skip`` (see the module docstring);
+    quick (`moebench run --quick`): a smoke run of a few steps of one seed."""
     from moebench.timing import pinned_threads
 
     spec, allowed = suite.train.for_workload(case.workload.display)
-    if is_quick(timing):  # `moebench run --quick`: a smoke run, a few steps of one seed
+    if quick:
         spec = dataclasses.replace(spec, steps=min(spec.steps, QUICK_STEPS), eval_interval=QUICK_STEPS,
                                    seeds=spec.seeds[:1], eval_tokens=min(spec.eval_tokens, case.tokens))
     variant = case.workload.display.rsplit("+", 1)[1] if suite.train.workloads else None

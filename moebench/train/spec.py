@@ -211,23 +211,13 @@ def parse_train(value: Any, fail: Fail, named: Callable[[Any, str], NamedSpec],
         specs.append(spec)
     out["tasks"] = tuple(specs)
     if "capacity_factor" in value:
-        cf = value["capacity_factor"]
-        if not isinstance(cf, dict):
-            fail("train.capacity_factor", f"expected a mapping {{train, eval}} of factors, got {show(cf)}")
-        for key in cf:
-            if key not in CF_KEYS:
-                fail(f"train.capacity_factor.{key}", f"unknown key {show(key)}; expected one of: train, eval")
+        cf = _sub_mapping(value["capacity_factor"], "train.capacity_factor", CF_KEYS, "of factors", fail)
         rule = Rule("number", 0, exclusive=True, nullable=True, what="dropless")
         for key in CF_KEYS:
             if key in cf:
                 out[f"capacity_{key}"] = scalar(key, rule, f"train.capacity_factor.{key}", cf)
     if "gate_init" in value:
-        gi = value["gate_init"]
-        if not isinstance(gi, dict):
-            fail("train.gate_init", f"expected a mapping {{std, skew, favoured}}, got {show(gi)}")
-        for key in gi:
-            if key not in GATE_INIT_KEYS:
-                fail(f"train.gate_init.{key}", f"unknown key {show(key)}; expected one of: {', '.join(GATE_INIT_KEYS)}")
+        gi = _sub_mapping(value["gate_init"], "train.gate_init", GATE_INIT_KEYS, "", fail)
         gi_rules = {"std": Rule("number", 0, exclusive=True), "skew": Rule("number"), "favoured": Rule("int", 1)}
         for key, rule in gi_rules.items():
             if key in gi:
@@ -236,6 +226,18 @@ def parse_train(value: Any, fail: Fail, named: Callable[[Any, str], NamedSpec],
     if "variants" in value:
         spec = _with_variants(spec, value, fail, named, routers or [])
     return spec
+
+
+def _sub_mapping(value: Any, field: str, keys, what: str, fail: Fail) -> dict:
+    """``value`` checked as a mapping with keys among ``keys`` (one-line errors via ``fail``)."""
+    from moebench.suite_files import show
+
+    if not isinstance(value, dict):
+        fail(field, f"expected a mapping {{{', '.join(keys)}}}{' ' + what if what else ''}, got {show(value)}")
+    for key in value:
+        if key not in keys:
+            fail(f"{field}.{key}", f"unknown key {show(key)}; expected one of: {', '.join(keys)}")
+    return value
 
 
 def _with_variants(base: TrainSpec, value: dict, fail: Fail, named, routers: list[str]) -> TrainSpec:
