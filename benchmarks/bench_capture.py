@@ -16,7 +16,8 @@ medians and capture / torch, capture / numba. Where they come from: the capturab
 builds int64 keys over [T, E] (the eager path runs torch.topk on floats and re-sorts only tied
 rows); capacity and dispatch sort all A = k*T assignments (eager: bincount, and a sort of only
 the N kept); dispatch copies all A rows, dropped ones included, into fixed slots.
-On a machine shared with other work set OMP_WAIT_POLICY=PASSIVE (see bench_routing.py).
+On a machine shared with other work set OMP_WAIT_POLICY=PASSIVE (see bench_routing.py and
+docs/timing_stability.md).
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ a clone can be far cheaper than dispatch's twice-as-large output at small T*d, a
 grow faster than T across that size.
 On a machine shared with other work, torch's OpenMP threads spin-wait after each parallel op
 and a torch op then often costs a whole scheduler slice (~8 ms seen on 2 busy cores, also for a
-4 MiB copy_); ``OMP_WAIT_POLICY=PASSIVE`` in the environment removes that for every row.
+4 MiB copy_). The moebench command shortens that spin (GOMP_SPINCOUNT=10000, numba on OpenMP: see
+moebench/thread_env.py); run this script with the same variables, or OMP_WAIT_POLICY=PASSIVE on a busy machine.
 ``--dispatch-only`` skips the route phase and times only dispatch/combine (the numba route of
 topk/position gives the Routing), at every T in ``--tokens`` (a list), with log-log slopes in T.
 """

@@ -7,11 +7,15 @@ numba top-k, torch again) is slow and bimodal. Each candidate fix is an environm
 must be in place before torch (libgomp) and numba initialise, so every setting runs in a fresh
 process of its own:
 
-    default        what moebench did before: nothing set (numba on its workqueue layer)
-    omp_passive    OMP_WAIT_POLICY=PASSIVE: OpenMP threads sleep instead of spinning (the fix)
+    default        nothing set (numba on its workqueue layer, libgomp's default spin)
+    omp_passive    OMP_WAIT_POLICY=PASSIVE: OpenMP threads sleep instead of spinning
     gomp_spin0     GOMP_SPINCOUNT=0: libgomp's own knob for the same
     numba_omp      NUMBA_THREADING_LAYER=omp: numba on an OpenMP pool too
     numba_omp_passive  both of the above
+    gomp_spin10k   GOMP_SPINCOUNT=10000: spin briefly (~10 us), then sleep
+    numba_omp_spin10k  numba on OpenMP and GOMP_SPINCOUNT=10000 (what moebench applies)
+    numba_omp_spin1k, numba_omp_spin100k  the same with a shorter / longer spin
+    numba_omp_passive_bind  numba_omp_passive with OMP_PROC_BIND=close, OMP_PLACES=cores
     numba_tbb      NUMBA_THREADING_LAYER=tbb (skipped where the tbb package is missing)
     numba_1thread  NUMBA_NUM_THREADS=1: numba kernels serial, torch on every core
     torch_1thread  OMP_NUM_THREADS=1: one thread for everything (not a fix: shown for scale)
@@ -41,7 +45,7 @@ import time
 
 # The variables a setting may change; each child starts with all of them removed, then its own.
 THREAD_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "NUMBA_THREADING_LAYER", "NUMBA_NUM_THREADS",
-               "OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_BLOCKTIME")
+               "OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_BLOCKTIME", "OMP_PROC_BIND", "OMP_PLACES")
 
 SETTINGS: dict[str, dict[str, str]] = {
     "default": {},
@@ -49,6 +53,12 @@ SETTINGS: dict[str, dict[str, str]] = {
     "gomp_spin0": {"GOMP_SPINCOUNT": "0"},
     "numba_omp": {"NUMBA_THREADING_LAYER": "omp"},
     "numba_omp_passive": {"NUMBA_THREADING_LAYER": "omp", "OMP_WAIT_POLICY": "PASSIVE"},
+    "gomp_spin10k": {"GOMP_SPINCOUNT": "10000"},
+    "numba_omp_spin10k": {"NUMBA_THREADING_LAYER": "omp", "GOMP_SPINCOUNT": "10000"},
+    "numba_omp_spin1k": {"NUMBA_THREADING_LAYER": "omp", "GOMP_SPINCOUNT": "1000"},
+    "numba_omp_spin100k": {"NUMBA_THREADING_LAYER": "omp", "GOMP_SPINCOUNT": "100000"},
+    "numba_omp_passive_bind": {"NUMBA_THREADING_LAYER": "omp", "OMP_WAIT_POLICY": "PASSIVE",
+                               "OMP_PROC_BIND": "close", "OMP_PLACES": "cores"},
     "numba_tbb": {"NUMBA_THREADING_LAYER": "tbb"},
     "numba_1thread": {"NUMBA_NUM_THREADS": "1"},
     "torch_1thread": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
@@ -219,8 +229,9 @@ def summary(rows: list[dict]) -> str:
             ok = r["measure_spread"] <= 0.05 and abs(r["measure_vs_timer"] - 1) <= 0.05
             lines.append(f"- {r['setting']:18s} {r['router']:14s} {'yes' if ok else 'NO '} (spread "
                          f"{r['measure_spread']:.1%}, measure/Timer {r['measure_vs_timer']:.2f}, load {r['load']})")
-    lines += ["", "moebench applies omp_passive: the moebench command sets OMP_WAIT_POLICY=PASSIVE before torch "
-              "loads (unless it is set), and meta.json records it under environment.threads."]
+    lines += ["", "moebench applies numba_omp_spin10k: the moebench command sets GOMP_SPINCOUNT=10000 and puts "
+              "numba's omp layer first before torch and numba load (unless the user set them), and meta.json "
+              "records both under environment.threads."]
     return "\n".join(lines) + "\n"
 
 

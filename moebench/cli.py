@@ -302,9 +302,9 @@ class _Notices(logging.Handler):
 
 
 def main(argv: list[str] | None = None) -> int:
-    # before anything imports torch: OpenMP threads that sleep instead of spinning, so torch's
-    # and numba's pools do not take each other's cores (moebench/thread_env.py); a user's
-    # OMP_WAIT_POLICY wins, and meta.json records which applied
+    # before anything imports torch or numba: numba on an OpenMP pool and a short OpenMP spin, so
+    # torch's and numba's pools do not take each other's cores (moebench/thread_env.py); the
+    # user's own thread variables win, and meta.json records which applied
     from moebench.thread_env import settle
 
     settle()

@@ -22,7 +22,7 @@ from moebench.thread_env import thread_settings
 # Environment variables that change how fast kernels run.
 SPEED_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE", "CUDA_VISIBLE_DEVICES",
                   "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "NUMBA_THREADING_LAYER",
-                  "NUMBA_NUM_THREADS")
+                  "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER_PRIORITY", "OMP_PROC_BIND", "OMP_PLACES")
 
 
 def cpu_model() -> str:
@@ -126,6 +126,19 @@ def capture_environment(devices: list[str]) -> dict:
         "env": {k: os.environ[k] for k in SPEED_ENV_VARS if k in os.environ},
         "threads": {**thread_settings(), **numba_threads()},
     }
+
+
+def numba_layer_in_use() -> str | None:
+    """The threading layer numba's parallel kernels run on in this process ("omp", "tbb",
+    "workqueue"), or None where numba is not loaded or no parallel kernel has run yet (never
+    starts numba's pool: that would make a later fork of this process unsafe)."""
+    numba = sys.modules.get("numba")
+    if numba is None:
+        return None
+    try:
+        return str(numba.threading_layer())
+    except Exception:  # ValueError: no parallel kernel ran here
+        return None
 
 
 def numba_threads() -> dict:

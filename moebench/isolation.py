@@ -51,6 +51,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Iterator
 
 from moebench.case import Case, NamedSpec, TimingSpec
+from moebench.environment import numba_layer_in_use
 from moebench.errors import MoebenchError
 from moebench.runner import RowResult
 from moebench.thread_env import worker_environment
@@ -103,7 +104,7 @@ class Worker:
         args = [sys.executable, "-c", code, json.dumps(sys.path), str(child.fileno()), str(os.getpid())]
         try:
             # the worker is moebench's own measuring process: it gets the settled thread environment
-            # (OMP_WAIT_POLICY=PASSIVE unless the user set it) even when execute() is called as a library
+            # (moebench/thread_env.py, unless the user chose otherwise) even when execute() is called as a library
             self.process = subprocess.Popen(args, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
                                             env=worker_environment())
         finally:
@@ -195,6 +196,7 @@ class WorkerPool:
     def __init__(self) -> None:
         self._worker: Worker | None = None
         self.starts = 0  # workers started so far (the benchmark and tests read it)
+        self.numba_layer: str | None = None  # the threading layer numba's kernels ran on in a worker
 
     def get(self) -> Worker:
         w = self._worker
@@ -267,6 +269,8 @@ def isolated_rows(case: Case, timing: TimingSpec, base_row: dict, routers: list[
                             yield RowResult(_bare_row(case, base_row, spec, f"isolated worker: {msg[1]}"), [])
                 elif kind == "done":
                     worker.busy = False
+                    if len(msg) > 1 and msg[1]:
+                        WORKERS.numba_layer = msg[1]
                     return
         except WorkerGone as gone:
             WORKERS.discard()
@@ -352,7 +356,7 @@ def worker_main(fd: int, parent_pid: int) -> None:
                 conn.send(("row", result))
         except BaseException as exc:  # noqa: BLE001 (reported to the parent as the case's fault)
             conn.send(("fault", f"{type(exc).__name__}: {exc}".strip()))
-        conn.send(("done",))
+        conn.send(("done", numba_layer_in_use()))
 
 
 def _sync_classes(job: CaseJob) -> dict[str, dict[str, str]]:

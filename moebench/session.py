@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 from moebench import __version__
 from moebench.case import Case, Suite
-from moebench.environment import capture_environment
+from moebench.environment import capture_environment, numba_layer_in_use
 from moebench.errors import MoebenchError
 from moebench.reference import reference_meta
 from moebench.paths import under
@@ -209,7 +209,8 @@ def execute(
         raise
     finally:
         try:
-            run.update_meta(status=status, ended_at=utc_now(), heartbeat_at=utc_now(), stopped_by=stopped_by)
+            run.update_meta(status=status, ended_at=utc_now(), heartbeat_at=utc_now(), stopped_by=stopped_by,
+                            numba_threading_layer=_numba_layer_used())
         except MoebenchError as exc:
             if stopped_by is None:  # the run itself went well: this is the error to report
                 raise
@@ -217,6 +218,14 @@ def execute(
         finally:
             run.lock.release()
     return run
+
+
+def _numba_layer_used() -> str | None:
+    """The threading layer numba's kernels ran on in this run: in the isolated worker where one
+    ran cases, else in this process; None where no numba parallel kernel ran."""
+    isolation = sys.modules.get("moebench.isolation")
+    worker_layer = getattr(getattr(isolation, "WORKERS", None), "numba_layer", None)
+    return worker_layer or numba_layer_in_use()
 
 
 def _stopped_by(exc: BaseException) -> str:
