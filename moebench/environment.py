@@ -124,7 +124,7 @@ def capture_environment(devices: list[str]) -> dict:
         "cuda": cuda_info(devices),
         "git": git_info(),
         "env": {k: os.environ[k] for k in SPEED_ENV_VARS if k in os.environ},
-        "threads": {**thread_settings(), **numba_threads()},
+        "threads": thread_settings(),  # the layer numba ran on: meta's numba_threading_layer
     }
 
 
@@ -139,19 +139,6 @@ def numba_layer_in_use() -> str | None:
         return str(numba.threading_layer())
     except Exception:  # ValueError: no parallel kernel ran here
         return None
-
-
-def numba_threads() -> dict:
-    """numba's threading layer and thread count where numba is already loaded (never imports it:
-    the kernels load it on first use), else {}."""
-    numba = sys.modules.get("numba")
-    if numba is None:
-        return {}
-    try:
-        return {"numba_layer_config": str(numba.config.THREADING_LAYER),
-                "numba_max_threads": int(numba.config.NUMBA_NUM_THREADS)}
-    except Exception:  # diagnostics only
-        return {}
 
 
 def machine_summary(env: dict) -> str:

@@ -108,7 +108,9 @@ def thread_settings(environ=None) -> dict:
     """What this process runs with: the thread variables and, for each one moebench manages, who
     set it ("moebench", "user", "too late": moebench could not, torch or numba had loaded; None)."""
     env = os.environ if environ is None else environ
-    set_by = {var: _origins.get(var) or _origin(var, env) for var in SETTINGS}
+    # what settle() decided describes this process's environment, not one handed in
+    decided = _origins if environ is None or environ is os.environ else {}
+    set_by = {var: decided.get(var) or _origin(var, env) for var in SETTINGS}
     return {
         "omp_wait_policy": env.get("OMP_WAIT_POLICY"),
         "gomp_spincount": env.get("GOMP_SPINCOUNT"),

@@ -32,6 +32,7 @@ moebench's thread pinning applies to them too.
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import numpy as np
@@ -51,12 +52,13 @@ def _load():
         try:
             import numba
 
-            if numba.config.THREADING_LAYER == "default":
-                # numba's own thread pool, not a second OpenMP runtime beside torch's: with
-                # both, each hand-over between a torch op and a kernel waited on the other
-                # runtime's spinning threads (route phase 10-20x slower on 2 cores). It is
-                # not meant for parallel kernels launched from several Python threads at
-                # once, which moebench never does.
+            if numba.config.THREADING_LAYER == "default" and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
+                # Nobody chose a layer (a library user's process: the moebench command sets the
+                # omp-first priority with a short GOMP spin, moebench/thread_env.py). numba's own
+                # pool, not an OpenMP pool beside torch's spinning at libgomp's default spin
+                # count: each hand-over between a torch op and a kernel would wait on it (route
+                # phase 10-20x slower on 2 cores). workqueue is not meant for parallel kernels
+                # launched from several Python threads at once, which moebench never does.
                 numba.config.THREADING_LAYER = "workqueue"
             from moebench.kernels import _numba as mod
         except Exception as exc:  # ImportError, or numba refusing this numpy/llvm
