@@ -68,6 +68,9 @@ _TRAIN_METRICS = [
     Metric("settle_step", "lower", True, "mean over probe tokens of the last step their top-1 expert changed"),
     Metric("bias_flip_rate", "none", True,
            "share of experts whose expert-bias update reversed direction from one step to the next (last interval)"),
+    Metric("maxvio_global_floor", "none", True,
+           "expected maxvio_global of an ideal balanced token-choice router: each held-out token on k uniform random experts"),
+    Metric("maxvio_batch_floor", "none", True, "the same floor for one batch of the case's tokens"),
     Metric("seeds_trained", "none", True, "training seeds aggregated in the row"),
     Metric("train.step_ms", "lower", False, "median wall time of one training step (last interval)"),
 ]

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moebench.metrics import METRICS
 from moebench.routing import Routing
@@ -22,6 +24,53 @@ def test_maxvio_literal():
     assert measures.maxvio(torch.tensor([4.0, 2.0, 0.0, 2.0])) == pytest.approx(1.0)  # (4 - 2) / 2
     assert measures.maxvio(torch.tensor([3.0, 3.0])) == 0.0
     assert math.isnan(measures.maxvio(torch.zeros(3)))
+
+
+def _enumerated_floor(n: int, e: int, k: int) -> float:
+    """E[MaxVio] by enumerating every choice of k-subsets for the n tokens (tiny cases only)."""
+    import itertools
+
+    subsets = list(itertools.combinations(range(e), k))
+    mean, total = n * k / e, 0.0
+    for picks in itertools.product(subsets, repeat=n):
+        loads = [0] * e
+        for subset in picks:
+            for x in subset:
+                loads[x] += 1
+        total += (max(loads) - mean) / mean
+    return total / len(subsets) ** n
+
+
+def test_maxvio_floor_literal():
+    assert measures.maxvio_floor(2, 2) == pytest.approx(0.5)  # (2,0),(1,1),(0,2): 1/4*1 + 1/2*0 + 1/4*1
+    # (4,0) 2/16 -> 1; (3,1) 8/16 -> 0.5; (2,2) 6/16 -> 0
+    assert measures.maxvio_floor(4, 2) == pytest.approx(0.375)
+    assert measures.maxvio_floor(1, 3, k=2) == pytest.approx(0.5)  # every draw: loads (1,1,0), mean 2/3
+    assert measures.maxvio_floor(1000, 4, k=4) == 0.0 and measures.maxvio_floor(10, 1) == 0.0
+    assert math.isnan(measures.maxvio_floor(0, 4))
+    assert measures.maxvio_floor(1024, 8) == pytest.approx(0.1276, abs=1e-4)  # the docstring's case
+    assert measures.maxvio_floor(4096, 8) < measures.maxvio_floor(1024, 8)  # more tokens, less noise
+    with pytest.raises(ValueError, match="1 <= k <= experts"):
+        measures.maxvio_floor(10, 4, k=5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 6), e=st.integers(2, 4))
+def test_exact_k1_floor_equals_enumeration(n, e):
+    assert measures.maxvio_floor(n, e) == pytest.approx(_enumerated_floor(n, e, 1), rel=1e-9, abs=1e-12)
+
+
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(1, 4), e=st.integers(3, 5), k=st.integers(2, 3))
+def test_monte_carlo_floor_matches_enumeration(n, e, k):
+    k = min(k, e - 1)
+    assert measures.maxvio_floor(n, e, k) == pytest.approx(_enumerated_floor(n, e, k), rel=0.02, abs=2e-3)
+
+
+def test_token_by_token_floor_agrees_with_the_subset_draw(monkeypatch):
+    by_subsets = measures.maxvio_floor.__wrapped__(512, 8, 2)
+    monkeypatch.setattr(measures, "FLOOR_SUBSETS", 1)  # force the other path
+    assert measures.maxvio_floor.__wrapped__(512, 8, 2) == pytest.approx(by_subsets, rel=0.03)
 
 
 def test_balance_loads_count_demand_before_capacity():
@@ -119,6 +168,10 @@ def test_training_suite_runs_reports_and_compares(tmp_path):
     assert len(steps) == 5 * 2 * 3  # (hash on local_experts: none) 5 routers x 2 seeds x evals at 0, 2, 4
     ec = [s for s in steps if s["router"] == "expert_choice"]
     assert all(s["maxvio_batch"] == 0.0 for s in ec)  # expert choice: balanced at every step
+    switch = next(r for r in rows if r["router"] == "switch" and r["workload"] == "local_experts")
+    # eval_tokens 64 on E=4, k=1: the reference an ideal balanced router would show
+    assert switch["maxvio_global_floor"] == pytest.approx(measures.maxvio_floor(64, 4))
+    assert switch["maxvio_batch_floor"] == pytest.approx(measures.maxvio_floor(32, 4))
     language = [s for s in steps if s["case_id"].startswith("language")]
     assert all(s["perplexity"] == pytest.approx(math.exp(s["eval_loss"]), rel=1e-9) for s in language)
     report = write_report([run.path], tmp_path / "reports")
@@ -143,3 +196,23 @@ def test_report_groups_the_variants_of_a_case_in_one_figure():
     assert out["group"].tolist() == ["teacher-T8-E2-k1", "teacher-T8-E2-k1"]
     assert out["title"].tolist() == ["teacher T=8", "teacher T=8"]
     assert out["line"].tolist() == ["switch (a)", "switch (b)"]
+
+
+def test_curves_mark_the_sampling_floor_only_where_the_case_has_one():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from moebench.train.report import _draw_floor
+
+    rows = pd.DataFrame({"case_id": ["a", "a", "b", "c"], "maxvio_global_floor": [0.128, 0.128, None, 0.2]})
+    fig, ax = plt.subplots()
+    _draw_floor(ax, rows, ["a"])
+    assert [line.get_ydata()[0] for line in ax.get_lines()] == [0.128]
+    for cases in (["b"], ["a", "c"]):  # no floor (dense routers), or two that disagree
+        fig, ax = plt.subplots()
+        _draw_floor(ax, rows, cases)
+        assert not ax.get_lines()
+    plt.close("all")

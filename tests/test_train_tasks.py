@@ -73,3 +73,34 @@ def test_task_registry_checks_options():
     assert set(TASKS.classes()) == {"local_experts", "teacher", "language"}
     assert "no option" in TASKS.problem("teacher", {"nope": 1})
     assert TASKS.problem("language", {"classes": 1}) is not None
+
+
+def test_teacher_bias_shifts_its_expert_literally():
+    task = Teacher(experts=2, expert_hidden=1, output_dim=1)
+    gate = torch.tensor([[1.0, -1.0], [0.0, 0.0]])
+    u, v = torch.ones(2, 2, 1), torch.ones(2, 1, 1)
+    x = torch.tensor([[0.5, 0.0], [2.0, 0.0]])  # scores (0.5, -0.5) and (2, -2)
+    assert _TeacherInstance(task, gate, u, v).expert(x).tolist() == [0, 0]
+    # bias +1.5 on expert 1: 0.5 < -0.5 + 1.5, but 2 > -2 + 1.5
+    assert _TeacherInstance(task, gate, u, v, torch.tensor([0.0, 1.5])).expert(x).tolist() == [1, 0]
+
+
+def test_balanced_teacher_splits_fresh_inputs_evenly_and_keeps_its_maps():
+    plain = Teacher(experts=8).build(32, seed=3)
+    balanced = Teacher(experts=8, balanced=True).build(32, seed=3)
+    assert plain.bias is None
+    assert torch.equal(plain.gate, balanced.gate) and torch.equal(plain.u, balanced.u)  # same teacher
+    x = torch.randn(65536, 32, generator=torch.Generator().manual_seed(99))  # not the calibration sample
+    vio = lambda k: float(torch.bincount(k, minlength=8).max()) / (65536 / 8) - 1  # noqa: E731
+    assert vio(plain.expert(x)) > 0.1  # a random gate is uneven...
+    assert vio(balanced.expert(x)) < 0.05  # ...the calibrated one is even up to sampling noise (~0.03)
+    again = Teacher(experts=8, balanced=True).build(32, seed=3)
+    assert torch.equal(again.bias, balanced.bias)  # deterministic per seed
+
+
+def test_calibration_that_cannot_converge_is_an_error():
+    from moebench.train.tasks import calibrate_bias
+
+    gate = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="calibration reached MaxVio"):
+        calibrate_bias(gate, seed=0, inputs=64, target=0.0, max_steps=5)

@@ -116,6 +116,7 @@ class Trainer:
         self.probes = min(spec.probe_tokens, t)
         self.fluctuation = measures.Fluctuation()
         self.gate_learns: bool | None = None
+        self.all_to_all = False  # set by evaluate(): loads are weight mass (dense, Soft MoE), not counts
         self._last_direction: torch.Tensor | None = None
         self._flips: list[float] = []
         self.vocab_freq = self.task.vocab_freq.to(self.device) if self.task.vocab_freq is not None else None
@@ -197,7 +198,7 @@ class Trainer:
             m = routing_metrics(routing)
             per_chunk.append({k: m[k] for k in ("imbalance", "drop_rate", "gate_entropy", "aux_loss", "z_loss")})
             loads = measures.balance_loads(routing).cpu()
-            all_to_all = measures.is_all_to_all(routing)
+            all_to_all = self.all_to_all = measures.is_all_to_all(routing)
             vio.append(measures.maxvio(loads))
             total += loads
             chosen.append(measures.chosen_expert(routing).cpu())
@@ -308,6 +309,10 @@ def train_router(case: Case, spec: TrainSpec, router_spec: NamedSpec, row: dict)
             steps += [{**key, "seed": seed, **r} for r in records]
             row["capacity"], row["eval_capacity"] = trainer.capacity_train, trainer.capacity_eval
         row.update(final_row(per_seed), gate_learns=learned)
+        if not trainer.all_to_all:  # loads are counts of assignments: what sampling noise alone gives
+            k = min(case.top_k, case.experts)
+            row["maxvio_global_floor"] = measures.maxvio_floor(trainer.chunks * case.tokens, case.experts, k)
+            row["maxvio_batch_floor"] = measures.maxvio_floor(case.tokens, case.experts, k)
     except WorkloadMismatchError as exc:
         row.update(status="skipped", reason=f"{exc} (training: a task that provides them, e.g. language)")
         return TrainRowResult(row, [])

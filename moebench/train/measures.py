@@ -6,6 +6,14 @@ routing fluctuation on a fixed probe set. Pure functions over Routings and tenso
   (MaxVio_global). The loads are `balance_loads`: assignments each expert is asked for before
   capacity (what the balancing mechanism controls); for routers that send every token to
   every expert (dense softmax, Soft MoE) the combine-weight mass each expert receives.
+- MaxVio floor (`maxvio_floor`): the expected MaxVio of an ideal balanced router whose loads are
+  pure sampling noise: each of n tokens goes to k distinct experts drawn uniformly at random
+  (k = 1: the loads are Multinomial(n, 1/E)). A router whose expected loads are exactly equal
+  still shows this MaxVio on n held-out tokens (n = 1024, E = 8, k = 1: 0.128), so a measured
+  MaxVio_global near it is as balanced as n tokens can show. k = 1 is exact: with Poisson
+  pmf p_j (mean n/E), P(max <= m) = (p_{<=m} convolved E times)[n] / Poisson(n; n), and
+  E[max] = sum_m P(max > m); k > 1 is a fixed-seed Monte Carlo (2^14 draws of the C(E, k)
+  subsets' multinomial counts: standard error 0.1-0.3% of the value).
 - NMI(truth, expert) = I / ((H(truth) + H(expert)) / 2) (arithmetic normalisation, as
   scikit-learn's default); expert = the expert with the largest kept combine weight of the
   token, or "none" (label E) for a token no expert kept.
@@ -16,9 +24,13 @@ routing fluctuation on a fixed probe set. Pure functions over Routings and tenso
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 
+import numpy as np
 import torch
+from scipy import stats
 
 from moebench.routing import Routing
 
@@ -64,6 +76,70 @@ def maxvio(loads: torch.Tensor) -> float:
     """(max c - mean c) / mean c; nan for no load."""
     mean = float(loads.double().mean())
     return (float(loads.max()) - mean) / mean if mean > 0 else math.nan
+
+
+FLOOR_DRAWS = 1 << 14  # Monte Carlo draws of the k > 1 floor (standard error 0.1-0.3% of it)
+FLOOR_SEED = 20240801
+FLOOR_SUBSETS = 4096  # up to this many k-subsets, draw the subsets' counts; beyond, token by token
+FLOOR_TOKEN_BUDGET = 50_000_000  # random numbers the token-by-token draw may use
+
+
+@functools.lru_cache(maxsize=256)
+def maxvio_floor(tokens: int, experts: int, k: int = 1) -> float:
+    """Expected MaxVio of the loads when each of ``tokens`` tokens picks ``k`` distinct experts of
+    ``experts`` uniformly at random (module docstring); 0.0 when k = E, nan for no token."""
+    if tokens < 0 or experts < 1 or not 1 <= k <= experts:
+        raise ValueError(f"maxvio_floor: need tokens >= 0 and 1 <= k <= experts, got {tokens}, {experts}, {k}")
+    if tokens == 0:
+        return math.nan
+    if k == experts or experts == 1:
+        return 0.0
+    if k == 1:
+        return _multinomial_floor(tokens, experts)
+    return _subset_floor(tokens, experts, k)
+
+
+def _multinomial_floor(n: int, e: int) -> float:
+    """Exact E[(max c - mean c)/mean c] for c ~ Multinomial(n, uniform over e)."""
+    lam = n / e
+    low = max(0, math.floor(lam - 12 * math.sqrt(lam) - 2))  # below: Poisson mass < 1e-31
+    reference = float(stats.poisson.pmf(n, n))
+    m = -(-n // e)  # the largest load is at least ceil(n / e): P(max > m) = 1 below it
+    expected_max = float(m)
+    while m < n:
+        bound = e * float(stats.binom.sf(m, n, 1 / e))  # union bound on P(max > m)
+        if bound < 1e-13:
+            break
+        pmf = stats.poisson.pmf(np.arange(low, m + 1), lam)
+        size = 1 << (e * (len(pmf) - 1)).bit_length()
+        at_most = float(np.fft.irfft(np.fft.rfft(pmf, size) ** e, size)[n - e * low]) / reference
+        expected_max += min(bound, max(0.0, 1.0 - at_most))
+        m += 1
+    return (expected_max - lam) / lam
+
+
+def _subset_floor(n: int, e: int, k: int) -> float:
+    """Fixed-seed Monte Carlo of E[MaxVio] for n tokens each on a uniform k-subset of e experts."""
+    rng = np.random.default_rng(FLOOR_SEED)
+    mean = n * k / e
+    if math.comb(e, k) <= FLOOR_SUBSETS:
+        members = np.zeros((math.comb(e, k), e))
+        for row, subset in enumerate(itertools.combinations(range(e), k)):
+            members[row, list(subset)] = 1.0
+        total, done = 0.0, 0
+        while done < FLOOR_DRAWS:  # chunks keep the count matrix small
+            chunk = min(FLOOR_DRAWS - done, max(1, FLOOR_TOKEN_BUDGET // (10 * len(members))))
+            loads = rng.multinomial(n, np.full(len(members), 1 / len(members)), size=chunk) @ members
+            total += float(((loads.max(axis=1) - mean) / mean).sum())
+            done += chunk
+        return total / done
+    draws = max(256, min(FLOOR_DRAWS, FLOOR_TOKEN_BUDGET // (n * e)))
+    total = 0.0
+    for _ in range(draws):
+        picks = np.argpartition(rng.random((n, e)), k - 1, axis=1)[:, :k]
+        loads = np.bincount(picks.ravel(), minlength=e)
+        total += (loads.max() - mean) / mean
+    return total / draws
 
 
 def dead_experts(loads: torch.Tensor, all_to_all: bool) -> int:

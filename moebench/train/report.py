@@ -21,8 +21,8 @@ import pandas as pd
 
 from moebench import tables
 
-RANKING_COLUMNS = ("eval_loss", "perplexity", "maxvio_global", "maxvio_batch_worst", "dead_experts", "nmi",
-                   "fluctuation", "settle_step", "bias_flip_rate", "drop_rate", "train.step_ms")
+RANKING_COLUMNS = ("eval_loss", "perplexity", "maxvio_global", "maxvio_global_floor", "maxvio_batch_worst",
+                   "dead_experts", "nmi", "fluctuation", "settle_step", "bias_flip_rate", "drop_rate", "train.step_ms")
 INTERVALS = ("eval_loss", "perplexity", "maxvio_global", "nmi")  # shown with their 95% interval
 CURVES = (("eval_loss", "held-out loss"), ("maxvio_global", "MaxVio_global"),
           ("dead_experts", "dead experts"), ("fluctuation", "fluctuation (share of probes)"))
@@ -96,6 +96,8 @@ def plot_curves(steps: pd.DataFrame, rows: pd.DataFrame, out_dir: Path) -> list[
                 ax.plot(mean.index, mean.to_numpy(float), color=colour, marker=style.markers[str(router)],
                         markersize=3, linewidth=1.4, label=str(router))
                 ax.fill_between(mean.index, low.to_numpy(float), high.to_numpy(float), color=colour, alpha=0.15)
+            if metric == "maxvio_global":
+                _draw_floor(ax, rows, frame["case_id"].unique())
             if metric in ("eval_loss", "perplexity") and (pd.to_numeric(frame[metric], errors="coerce") > 0).all():
                 ax.set_yscale("log")  # the untrained start would flatten the rest
             ax.set_title(title, fontsize="small")
@@ -107,6 +109,18 @@ def plot_curves(steps: pd.DataFrame, rows: pd.DataFrame, out_dir: Path) -> list[
         path = figures.save(fig, out_dir / "plots" / f"train_curves_{_slug(group)}.png")
         drawn.append((title, path))
     return drawn
+
+
+def _draw_floor(ax, rows: pd.DataFrame, case_ids) -> None:
+    """A dashed line at the MaxVio_global an ideal balanced router would show on this many
+    held-out tokens (measures.maxvio_floor), where the case's rows agree on one."""
+    if "maxvio_global_floor" not in rows.columns:
+        return
+    floors = pd.to_numeric(rows.loc[rows["case_id"].isin(case_ids), "maxvio_global_floor"], errors="coerce").dropna()
+    if len(floors) and floors.nunique() == 1:
+        ax.axhline(float(floors.iloc[0]), color="grey", linestyle="--", linewidth=0.9)
+        ax.annotate("sampling floor", (1.0, float(floors.iloc[0])), xycoords=("axes fraction", "data"),
+                    ha="right", va="bottom", fontsize="x-small", color="grey")
 
 
 def plot_heatmaps(steps: pd.DataFrame, rows: pd.DataFrame, out_dir: Path) -> list[tuple[str, Path]]:
