@@ -125,6 +125,7 @@ class _LocalExpertsInstance(TaskInstance):
 
 CALIBRATION_INPUTS = 65536  # inputs of the sample a balanced teacher's gate bias is calibrated on
 CALIBRATION_MAXVIO = 0.01  # MaxVio of that sample the calibration reaches
+BALANCED_MAX_EXPERTS = 256  # a balanced teacher's most experts (256: calibrated in ~1 s)
 CALIBRATION_STEPS = 5000  # most bias updates before the calibration gives up (an error)
 
 
@@ -136,12 +137,14 @@ def _calibration_seed(seed: int) -> int:
 def calibrate_bias(gate: torch.Tensor, seed: int, inputs: int = CALIBRATION_INPUTS,
                    target: float = CALIBRATION_MAXVIO, max_steps: int = CALIBRATION_STEPS) -> torch.Tensor:
     """<float32>[K]: a logit bias b such that argmax_k (x . gate[:, k] + b_k) splits a seeded sample
-    of ``inputs`` x ~ N(0, I_d) (gate <float32>[d, K]) with MaxVio < ``target`` (module docstring).
+    of ``inputs`` x ~ N(0, I_d) (gate <float32>[d, K]) with MaxVio < ``target``, or < 4 / (mean
+    load) where that is larger (module docstring).
     Deterministic per (gate, seed); raises RuntimeError if ``max_steps`` updates do not get there."""
     g = torch.Generator().manual_seed(_calibration_seed(seed))
     scores = torch.randn(inputs, gate.shape[0], generator=g) @ gate  # [n, K]
     experts = gate.shape[1]
     mean = inputs / experts
+    target = max(target, 4 / mean)  # loads are integers: with many experts 1% is below one token
     bias = torch.zeros(experts)
     step = 0.5 * float(scores.std())
     best, best_vio, stalled = bias, math.inf, 0
@@ -185,6 +188,10 @@ class Teacher:
     def check(self) -> str | None:
         if self.experts < 2 or self.expert_hidden < 1 or self.output_dim < 1:
             return "need experts >= 2, expert_hidden >= 1, output_dim >= 1"
+        if self.balanced and self.experts > BALANCED_MAX_EXPERTS:
+            # the calibration sample holds 65536 inputs: with more experts its loads are too
+            # small to calibrate on, and each step costs an argmax over [65536, K]
+            return f"balanced: true supports up to {BALANCED_MAX_EXPERTS} experts, got {self.experts}"
         return None if self.noise >= 0 else f"noise must be >= 0, got {self.noise}"
 
     def build(self, dim: int, seed: int) -> "_TeacherInstance":
