@@ -216,3 +216,13 @@ def test_curves_mark_the_sampling_floor_only_where_the_case_has_one():
         _draw_floor(ax, rows, cases)
         assert not ax.get_lines()
     plt.close("all")
+
+
+def test_large_floors_take_the_gaussian_and_agree_with_the_exact_and_drawn_ones(monkeypatch):
+    exact = measures.maxvio_floor.__wrapped__(50_000, 16)
+    drawn = measures.maxvio_floor.__wrapped__(4096, 64, 8)  # tokens drawn one by one
+    monkeypatch.setattr(measures, "FLOOR_EXACT_TOKENS", 10)
+    monkeypatch.setattr(measures, "FLOOR_TOKEN_BUDGET", 1)
+    assert measures.maxvio_floor.__wrapped__(50_000, 16) == pytest.approx(exact, rel=0.01)  # mean load 3125
+    assert measures.maxvio_floor.__wrapped__(4096, 64, 8) == pytest.approx(drawn, rel=0.04)  # mean load 512: reads low
+    assert measures.maxvio_floor.__wrapped__(4096, 64, 8) < drawn
