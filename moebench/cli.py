@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -316,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     except MoebenchError as exc:
         print(f"moebench: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, always
         return 2
+    except BrokenPipeError:  # the reader went away (`moebench list | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except FileNotFoundError as exc:
         print(f"moebench: error: {exc.filename}: no such file", file=sys.stderr)
         return 2

@@ -553,3 +553,13 @@ def test_subprocess_sample(pid, corpus_dir):
     assert SECRET not in proc.stderr + proc.stdout
     if pid.startswith("file.") or pid.startswith("flags."):  # refused before torch is imported
         assert elapsed < LIMIT_S + 1.0, f"{elapsed:.2f} s"  # + interpreter start-up
+
+
+def test_a_reader_that_stops_early_is_not_an_error():
+    # `moebench list | head -1`: the pipe closes under the listing
+    proc = subprocess.Popen([sys.executable, "-m", "moebench", "list"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, bufsize=0)
+    proc.stdout.read(10)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == "", err

@@ -149,3 +149,20 @@ def test_torchrun_ranks_follow_rank_0_into_one_run(tmp_path):
     rows = {r["router"]: r for r in load_run(run).rows()}
     assert rows["topk"]["status"] == "ok" and rows["switch"]["status"] == "skipped"
     assert rows["topk"]["world_size"] == 2 and rows["topk"]["exchange_matches_routing"]
+
+
+def test_start_method_is_checked_before_any_rank_starts(monkeypatch):
+    from moebench import environment
+    from moebench.parallel import launch
+
+    monkeypatch.setenv("MOEBENCH_START_METHOD", "frok")
+    with pytest.raises(launch.LaunchFailure, match="expected one of forkserver, spawn, fork"):
+        launch._start_method()
+    monkeypatch.setenv("MOEBENCH_START_METHOD", "fork")
+    monkeypatch.setattr(environment, "numba_layer_in_use", lambda: "workqueue")
+    assert launch._start_method() == "fork"
+    monkeypatch.setattr(environment, "numba_layer_in_use", lambda: "omp")  # a forked child would abort
+    with pytest.raises(launch.LaunchFailure, match="use forkserver"):
+        launch._start_method()
+    monkeypatch.delenv("MOEBENCH_START_METHOD")
+    assert launch._start_method() == "forkserver"

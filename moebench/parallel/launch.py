@@ -71,7 +71,7 @@ def spawn(fn, arg, nprocs: int, timeout_s: float) -> dict:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    method = os.environ.get("MOEBENCH_START_METHOD", "forkserver")
+    method = _start_method()
     if method == "forkserver":  # one clean server imports torch once; each launch forks from it
         multiprocessing.get_context("forkserver").set_forkserver_preload(["moebench.parallel._preload"])
     config = LaunchConfig(
@@ -84,6 +84,24 @@ def spawn(fn, arg, nprocs: int, timeout_s: float) -> dict:
             return elastic_launch(config, _entry)(fn, arg)
     except ChildFailedError as exc:
         raise LaunchFailure(_failure_text(exc, timeout_s)) from None
+
+
+START_METHODS = ("forkserver", "spawn", "fork")
+
+
+def _start_method() -> str:
+    """MOEBENCH_START_METHOD (default forkserver), checked: "fork" copies this process, and a
+    process that has run a numba kernel on its OpenMP layer cannot be forked (the child aborts
+    in its first kernel)."""
+    from moebench.environment import numba_layer_in_use
+
+    method = os.environ.get("MOEBENCH_START_METHOD", "forkserver")
+    if method not in START_METHODS:
+        raise LaunchFailure(f"MOEBENCH_START_METHOD={method!r}: expected one of {', '.join(START_METHODS)}")
+    if method == "fork" and numba_layer_in_use() == "omp":
+        raise LaunchFailure("MOEBENCH_START_METHOD=fork: this process has run numba kernels on OpenMP, which a "
+                            "forked rank cannot; use forkserver (the default) or spawn")
+    return method
 
 
 @contextmanager
