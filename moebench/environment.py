@@ -61,7 +61,22 @@ def git_info() -> dict:
     if head is None:
         return {"commit": None, "dirty": None}
     status = _git("status", "--porcelain")
-    return {"commit": head.strip(), "dirty": None if status is None else bool(status.strip())}
+    if status is None:
+        return {"commit": head.strip(), "dirty": None}
+    return {"commit": head.strip(), "dirty": any(_counts_as_a_change(line) for line in status.splitlines())}
+
+
+RUN_OUTPUT_DIRS = ("results/", "reports/")  # new runs appear here: they change no code
+
+
+def _counts_as_a_change(status_line: str) -> bool:
+    """A `git status --porcelain` line that changes what ran: any tracked change, or an untracked
+    path outside the run output folders (an earlier run's untracked results do not)."""
+    if not status_line.strip():
+        return False
+    if not status_line.startswith("?? "):
+        return True
+    return not status_line[3:].strip('"').startswith(RUN_OUTPUT_DIRS)
 
 
 def torch_parallel_info(max_lines: int = 6) -> str:

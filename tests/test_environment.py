@@ -51,3 +51,13 @@ def test_machine_summary_literal():
 def test_machine_summary_of_real_env():
     line = machine_summary(capture_environment(["cpu"]))
     assert "torch" in line and "\n" not in line
+
+
+def test_only_code_changes_make_a_checkout_dirty():
+    from moebench.environment import _counts_as_a_change
+
+    assert _counts_as_a_change(" M moebench/cli.py") and _counts_as_a_change("A  new.py")
+    assert _counts_as_a_change("?? my_router.py")  # an untracked plugin changes what ran
+    assert not _counts_as_a_change("?? results/quickstart/20261203T093612Z-3ef2/")  # an earlier run's output
+    assert not _counts_as_a_change("?? reports/quickstart/")
+    assert _counts_as_a_change(" M results/baseline/rows.jsonl")  # a tracked result edited by hand
