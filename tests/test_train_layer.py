@@ -13,7 +13,7 @@ from moebench.routers.base import RouteContext
 from moebench.routers.registry import ROUTERS
 from moebench.routers.soft_moe import make_phi
 from moebench.train.layer import MoELayer, aux_loss, learns, trainable, z_loss
-from moebench.train.loop import Trainer, bias_update, train_router
+from moebench.train.loop import CannotLearn, Trainer, bias_update, train_router
 from moebench.train.spec import TrainSpec
 
 T, D, E = 12, 3, 4
@@ -242,3 +242,25 @@ def test_training_on_cuda_matches_the_cpu_rows_shape():
     out = train_router(case, spec, NamedSpec("topk"), dict(row))
     assert out.row["status"] == "ok", out.row["reason"]
     assert len(out.steps) == 3 and out.row["perplexity"] > 1
+
+
+def test_combine_ones_weights_each_kept_expert_1_and_freezes_the_gate():
+    case = Case(NamedSpec("teacher", {"experts": 4}), 32, 4, 2, None, hidden=6)
+    spec = TrainSpec(steps=3, tasks=(case.workload,), expert_hidden=5, eval_tokens=32, combine="ones",
+                     aux_loss_coeff=0.01)
+    trainer = Trainer(case, spec, ROUTERS.create("topk", {}), seed=0)
+    w0, b0 = trainer.layer.gate_w.clone(), trainer.layer.gate_b.clone()
+    data = trainer.batch()
+    ctx = RouteContext(2, trainer.capacity_train, case.drop_policy, trainer.router_rng, trainer.state)
+    y, routing = trainer.layer(data.x, trainer.router, ctx, ones=True)
+    expected = torch.zeros_like(y)  # by hand: the plain sum of each token's kept experts
+    for t, e in zip(routing.token_index[routing.kept].tolist(), routing.expert_index[routing.kept].tolist()):
+        expected[t] += trainer.layer.experts.one(e, data.x[t:t + 1])[0]
+    assert torch.allclose(y, expected, atol=1e-6)
+    assert not torch.allclose(routing.weight, torch.ones_like(routing.weight))  # the routing keeps its weights
+    records = trainer.run()
+    assert trainer.gate_learns is False and len(records) >= 2
+    assert torch.equal(trainer.layer.gate_w, w0) and torch.equal(trainer.layer.gate_b, b0)  # frozen
+    soft = Trainer.__new__(Trainer)  # Soft MoE has no per-token experts to weight 1
+    with pytest.raises(CannotLearn, match="combine: ones"):
+        Trainer.__init__(soft, case, spec, ROUTERS.create("soft_moe", {}), seed=0)

@@ -6,7 +6,8 @@
     Soft MoE:  slots = D^T h, y = C . expert(slots)      (its dispatch/combine matrices)
 
 Gradients reach the gate through the combine weights w (and D, C for Soft MoE), as in the
-papers; the aux and z losses reach it through the Routing's probs and logits. Each expert is a
+papers (or not at all under `combine: ones`: weight 1 per kept assignment, gate frozen, as
+moe-routing-bench's top1/topk_hard); the aux and z losses reach it through the Routing's probs and logits. Each expert is a
 ReLU MLP d -> f -> out; the E experts' weights are stacked (<float32>[E, d, f], [E, f, out]).
 
 `trainable(router)` returns the router set up for autograd: routers with an `impl` option run
@@ -95,8 +96,13 @@ class MoELayer(nn.Module):
         """<float32>[T, E]: x = h . W_gate + b_gate."""
         return torch.addmm(self.gate_b, h, self.gate_w)
 
+    def freeze_gate(self) -> None:
+        """Keep W_gate and b_gate at their initialisation (`combine: ones`)."""
+        self.gate_w.requires_grad_(False)
+        self.gate_b.requires_grad_(False)
+
     def forward(self, h: torch.Tensor, router: Router, ctx: RouteContext, token_ids=None, vocab_freq=None,
-                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
+                noise: torch.Tensor | None = None, ones: bool = False) -> tuple[torch.Tensor, Routing]:
         """(y <float32>[T, out], routing) for h <float32>[T, d]; noise <float32>[T, E] is added
         to the logits (gate noise while training)."""
         logits = self.logits(h)
@@ -105,6 +111,9 @@ class MoELayer(nn.Module):
         if self.phi is not None and ctx.state is not None:
             self._share_phi(router, h, ctx.state)
         routing = router.route(RouteInputs(logits, hidden=h, token_ids=token_ids, vocab_freq=vocab_freq), ctx)
+        if ones:  # moe-routing-bench's hard routers: y_t = sum over kept e of expert_e(h_t); the
+            # routing itself (its weights decide the chosen expert for NMI) is what gets measured
+            return self.combine(h, dataclasses.replace(routing, weight=torch.ones_like(routing.weight))), routing
         return self.combine(h, routing), routing
 
     def _share_phi(self, router: Router, h: torch.Tensor, state: RouterState) -> None:

@@ -96,7 +96,12 @@ class Trainer:
         out = d if self.language else self.task.output_dim
         self.layer = MoELayer(d, spec.expert_hidden, out, e, g, spec.gate_std, spec.gate_skew,
                               spec.gate_favoured, slots, phi)
-        params = list(self.layer.parameters())
+        self.ones = spec.combine == "ones"
+        if self.ones:
+            if isinstance(router, SoftMoE):
+                raise CannotLearn("combine: ones needs a router that picks experts per token, not Soft MoE's slots")
+            self.layer.freeze_gate()
+        params = [p for p in self.layer.parameters() if p.requires_grad]
         if self.language:
             self.embed = torch.nn.Parameter(torch.randn(self.task.vocab, d, generator=g))
             self.head_w = torch.nn.Parameter(torch.randn(d, self.task.vocab, generator=g) / math.sqrt(d))
@@ -125,7 +130,8 @@ class Trainer:
     def forward(self, data: TaskData, ctx: RouteContext, noise: torch.Tensor | None = None):
         """(task loss, routing, output) of one batch."""
         h = self.embed[data.ids] if self.language else data.x
-        y, routing = self.layer(h, self.router, ctx, token_ids=data.ids, vocab_freq=self.vocab_freq, noise=noise)
+        y, routing = self.layer(h, self.router, ctx, token_ids=data.ids, vocab_freq=self.vocab_freq, noise=noise,
+                                ones=self.ones)
         if self.language:
             logits = (h + y) @ self.head_w + self.head_b
             return F.cross_entropy(logits, data.y), routing
@@ -147,6 +153,8 @@ class Trainer:
             noise = spec.gate_noise * torch.randn(c.tokens, c.experts, generator=self.noise_rng).to(c.device)
         ctx = RouteContext(c.top_k, self.capacity_train, c.drop_policy, self.router_rng, self.state)
         loss, routing = self.forward(data, ctx, noise)
+        if self.gate_learns is None and self.ones:
+            self.gate_learns = False  # frozen by `combine: ones`
         if self.gate_learns is None:
             how = learns(routing)
             if how not in (None, "fixed"):

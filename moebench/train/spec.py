@@ -27,6 +27,10 @@ slot (a train suite names no workload), so case ids, rows and reports name it li
       expert_hidden: 64        # width f of each expert MLP (d -> f -> out)
       loss: blend              # regression tasks: blend = MSE of the combined output;
                                # competitive = Jacobs et al. 1991 (each expert fits alone)
+      combine: router          # router: the router's combine weights (the gate learns through
+                               # them); ones: every kept assignment weighted 1 and the gate
+                               # frozen at its initialisation (moe-routing-bench's top1 and
+                               # topk_hard, whose gates are None)
       variants:                # optional: the same suite trained under other settings
         aux0: {aux_loss_coeff: 0.0}
         bias: {aux_loss_coeff: 0.0, routers: [deepseek], tasks: [teacher]}
@@ -50,12 +54,13 @@ BIAS_UPDATES = ("sign", "magnitude")
 KEYS = (
     "steps", "tokens_per_step", "optimizer", "lr", "weight_decay", "aux_loss_coeff", "z_loss_coeff",
     "eval_interval", "eval_tokens", "probe_tokens", "seeds", "task", "capacity_factor", "gate_noise",
-    "gate_init", "bias_update_rate", "bias_update", "expert_hidden", "variants", "loss",
+    "gate_init", "bias_update_rate", "bias_update", "expert_hidden", "variants", "loss", "combine",
 )
 LOSSES = ("blend", "competitive")
+COMBINES = ("router", "ones")
 VARIANT_KEYS = ("steps", "eval_interval", "optimizer", "lr", "weight_decay", "aux_loss_coeff", "z_loss_coeff",
                 "capacity_factor", "gate_noise", "gate_init", "bias_update_rate", "bias_update", "expert_hidden", "loss",
-                "routers", "tasks", "top_k")
+                "combine", "routers", "tasks", "top_k")
 GATE_INIT_KEYS = ("std", "skew", "favoured")
 CF_KEYS = ("train", "eval")
 UNSET = "case"  # capacity factor taken from the case
@@ -91,6 +96,7 @@ class TrainSpec:
     bias_update: str = "sign"
     expert_hidden: int = 64
     loss: str = "blend"
+    combine: str = "router"
     # workload label -> (the TrainSpec it trains under, router labels it trains or None: all)
     workloads: dict = field(default_factory=dict)
 
@@ -144,6 +150,7 @@ class TrainSpec:
             "train.seeds": json.dumps(list(self.seeds)), "train.gate_noise": self.gate_noise,
             "train.gate_skew": self.gate_skew, "train.bias_update": self.bias_update,
             "train.bias_update_rate": self.bias_update_rate, "train.loss": self.loss,
+            "train.combine": self.combine,
         }
 
 
@@ -185,6 +192,7 @@ def parse_train(value: Any, fail: Fail, named: Callable[[Any, str], NamedSpec],
         "optimizer": Rule("choice", choices=OPTIMIZERS, what="optimizer"),
         "bias_update": Rule("choice", choices=BIAS_UPDATES, what="bias update"),
         "loss": Rule("choice", choices=LOSSES, what="loss"),
+        "combine": Rule("choice", choices=COMBINES, what="combine weights"),
     }
     for key, rule in rules.items():
         if key in value:
