@@ -38,6 +38,7 @@ from typing import ClassVar
 import torch
 
 from moebench.registry import Registry
+from moebench.train.measures import maxvio
 
 
 def _load() -> None:  # the built-in tasks register below, on import of this module
@@ -150,7 +151,7 @@ def calibrate_bias(gate: torch.Tensor, seed: int, inputs: int = CALIBRATION_INPU
     best, best_vio, stalled = bias, math.inf, 0
     for _ in range(max_steps):
         load = torch.bincount((scores + bias).argmax(dim=1), minlength=experts).double()
-        vio = float(load.max() / mean - 1)
+        vio = maxvio(load)
         if vio < best_vio:
             best, best_vio, stalled = bias, vio, 0
         else:
