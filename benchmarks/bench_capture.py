@@ -1,8 +1,8 @@
-"""CPU cost of the capturable phases (moebench.capture) against the eager torch and numba paths.
+"""CPU cost of the capturable phases (moebench.run.capture) against the eager torch and numba paths.
 
 The capturable forms exist for CUDA graphs (fixed sizes, no host sync); on CPU they only have
 to be correct, but what they cost against today's paths is worth knowing. One process, threads
-pinned, every phase timed with moebench.timing.measure (median, 95% CI of the median), one run:
+pinned, every phase timed with moebench.run.timing.measure (median, 95% CI of the median), one run:
 
     python benchmarks/bench_capture.py                 # T=65536, E=64, k=2, cf=1.25, d=1024, 2 threads
     python benchmarks/bench_capture.py --quick         # a smoke run (T=4096, few rounds)
@@ -28,13 +28,13 @@ import sys
 
 import torch
 
-from moebench import kernels
-from moebench.capacity import CapacitySpec, expert_capacity
-from moebench.capture import capture_route, combine_static, dispatch_static
-from moebench.case import TimingSpec
-from moebench.dispatch import combine, dispatch
+from moebench.core import kernels
+from moebench.core.capacity import CapacitySpec, expert_capacity
+from moebench.run.capture import capture_route, combine_static, dispatch_static
+from moebench.core.case import TimingSpec
+from moebench.core.dispatch import combine, dispatch
 from moebench.routers import RouteContext, RouteInputs, create_router
-from moebench.timing import CpuClock, measure, pinned_threads
+from moebench.run.timing import CpuClock, measure, pinned_threads
 
 ROUTES = [  # (label, router, params, top_k of the case or 1, policy)
     ("topk", "topk", {}, None, "position"),

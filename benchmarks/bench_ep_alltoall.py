@@ -1,6 +1,6 @@
 """The gloo-fitted cost-model profile against measured all-to-alls on this machine.
 
-1. `moebench.parallel.pingpong.local_profile`: a gloo ping-pong between two local processes,
+1. `moebench.kinds.parallel.pingpong.local_profile`: a gloo ping-pong between two local processes,
    fitted to t = alpha + bytes / bw.
 2. For N = 2 and 4 local gloo ranks: all_to_all_single of an even byte matrix (every rank
    sends ``size / N`` bytes to every rank), timed after a barrier each round; the slowest
@@ -19,14 +19,14 @@ import time
 import torch
 import torch.distributed as dist
 
-from moebench.parallel.costmodel import alltoall_times
-from moebench.parallel.launch import spawn
-from moebench.parallel.pingpong import first_quartile, local_profile
+from moebench.kinds.parallel.costmodel import alltoall_times
+from moebench.kinds.parallel.launch import spawn
+from moebench.kinds.parallel.pingpong import first_quartile, local_profile
 
 
 def _measure(arg):
     sizes, rounds = arg
-    from moebench.parallel.engine import ensure_group
+    from moebench.kinds.parallel.engine import ensure_group
 
     ensure_group("gloo", 120)
     torch.set_num_threads(1)

@@ -14,7 +14,7 @@ One process. Rows:
   back over the pipe, the parent's wait.
 - one row through the pipe: pickle + send + receive + unpickle of a RowResult of that suite.
 - the Routing check: `check_routing` on the numba `topk` route's output at T=65536, E=64,
-  k=2, beside the route call itself (moebench.timing.measure medians).
+  k=2, beside the route call itself (moebench.run.timing.measure medians).
 """
 
 from __future__ import annotations
@@ -35,15 +35,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moebench.capacity import CapacitySpec, expert_capacity  # noqa: E402
-from moebench.case import TimingSpec  # noqa: E402
-from moebench.isolation import WORKERS, Worker, isolated_rows  # noqa: E402
+from moebench.core.capacity import CapacitySpec, expert_capacity  # noqa: E402
+from moebench.core.case import TimingSpec  # noqa: E402
+from moebench.run.isolation import WORKERS, Worker, isolated_rows  # noqa: E402
 from moebench.routers import RouteContext, RouteInputs, create_router  # noqa: E402
-from moebench.routing_check import check_routing  # noqa: E402
-from moebench.runner import CaseRunner, quick_case, quick_timing  # noqa: E402
-from moebench.session import RunOptions, execute, plan_cases  # noqa: E402
-from moebench.suite import load_suite, validate_document  # noqa: E402
-from moebench.timing import CpuClock, measure, pinned_threads  # noqa: E402
+from moebench.core.routing_check import check_routing  # noqa: E402
+from moebench.run.runner import CaseRunner, quick_case, quick_timing  # noqa: E402
+from moebench.run.session import RunOptions, execute, plan_cases  # noqa: E402
+from moebench.suite.load import load_suite, validate_document  # noqa: E402
+from moebench.run.timing import CpuClock, measure, pinned_threads  # noqa: E402
 
 
 def run_seconds(suite, isolate: bool, enabled: bool) -> float:

@@ -1,6 +1,6 @@
 """Speed of token-choice routing, capacity, dispatch and combine: torch path vs numba kernels.
 
-One process, torch (and numba) threads pinned, every phase timed with moebench.timing.measure
+One process, torch (and numba) threads pinned, every phase timed with moebench.run.timing.measure
 (median and a 95% CI of the median), so the rows of the table are comparable with each other.
 Run from the repository root:
 
@@ -32,7 +32,7 @@ grow faster than T across that size.
 On a machine shared with other work, torch's OpenMP threads spin-wait after each parallel op
 and a torch op then often costs a whole scheduler slice (~8 ms seen on 2 busy cores, also for a
 4 MiB copy_). The moebench command shortens that spin (GOMP_SPINCOUNT=10000, numba on OpenMP: see
-moebench/thread_env.py); run this script with the same variables, or OMP_WAIT_POLICY=PASSIVE on a busy machine.
+moebench/run/threads.py); run this script with the same variables, or OMP_WAIT_POLICY=PASSIVE on a busy machine.
 ``--dispatch-only`` skips the route phase and times only dispatch/combine (the numba route of
 topk/position gives the Routing), at every T in ``--tokens`` (a list), with log-log slopes in T.
 """
@@ -48,14 +48,14 @@ import sys
 import numpy as np
 import torch
 
-from moebench import kernels
-from moebench.allocator import ALLOCATORS, cpu_allocator
-from moebench.capacity import CapacitySpec, expert_capacity
-from moebench.case import TimingSpec
-from moebench.dispatch import combine, dispatch
-from moebench.environment import cpu_model
+from moebench.core import kernels
+from moebench.run.allocator import ALLOCATORS, cpu_allocator
+from moebench.core.capacity import CapacitySpec, expert_capacity
+from moebench.core.case import TimingSpec
+from moebench.core.dispatch import combine, dispatch
+from moebench.run.machine import cpu_model
 from moebench.routers import RouteContext, RouteInputs, create_router
-from moebench.timing import CpuClock, measure, pinned_threads
+from moebench.run.timing import CpuClock, measure, pinned_threads
 
 
 def megatron_utils():
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-linearity", action="store_true")
     ap.add_argument("--dispatch-only", action="store_true", help="only the dispatch/combine rows")
     ap.add_argument("--cpu-allocator", choices=ALLOCATORS, default="system",
-                    help="reuse: large blocks kept for reuse instead of fresh pages per call (moebench/allocator.py)")
+                    help="reuse: large blocks kept for reuse instead of fresh pages per call (moebench/run/allocator.py)")
     ap.add_argument("--numba-only", action="store_true",
                     help="dispatch/combine through the numba path only (the torch combine is slow at large T*d)")
     args = ap.parse_args(argv)

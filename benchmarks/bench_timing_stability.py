@@ -97,12 +97,12 @@ def child(spec: dict) -> dict:
     import torch
     import torch.utils.benchmark as tb
 
-    from moebench import kernels
-    from moebench.capacity import CapacitySpec, expert_capacity
-    from moebench.case import TimingSpec
+    from moebench.core import kernels
+    from moebench.core.capacity import CapacitySpec, expert_capacity
+    from moebench.core.case import TimingSpec
     from moebench.routers import RouteContext, RouteInputs, create_router
-    from moebench.timing import CpuClock, measure, pinned_threads
-    from moebench.workloads import WORKLOADS, BatchShape
+    from moebench.run.timing import CpuClock, measure, pinned_threads
+    from moebench.core.workloads import WORKLOADS, BatchShape
 
     if spec["env"].get("NUMBA_THREADING_LAYER") == "tbb":
         try:

@@ -12,7 +12,7 @@ as a share of a step. Run from the repository root:
     python benchmarks/bench_train_step.py --routers switch,topk --tokens 8192
     python benchmarks/bench_train_step.py --quick               # a smoke run
 
-Each timing is the median of --rounds calls after --warmup untimed ones (moebench.timing.measure).
+Each timing is the median of --rounds calls after --warmup untimed ones (moebench.run.timing.measure).
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from moebench.case import Case, NamedSpec, TimingSpec  # noqa: E402
+from moebench.core.case import Case, NamedSpec, TimingSpec  # noqa: E402
 from moebench.routers.base import RouteContext  # noqa: E402
 from moebench.routers.registry import ROUTERS  # noqa: E402
-from moebench.timing import clock_for, measure, pinned_threads  # noqa: E402
-from moebench.train.layer import sparse_groups  # noqa: E402
-from moebench.train.loop import Trainer  # noqa: E402
-from moebench.train.spec import TrainSpec  # noqa: E402
+from moebench.run.timing import clock_for, measure, pinned_threads  # noqa: E402
+from moebench.kinds.train.layer import sparse_groups  # noqa: E402
+from moebench.kinds.train.loop import Trainer  # noqa: E402
+from moebench.kinds.train.spec import TrainSpec  # noqa: E402
 
 
 def floor_call(trainer: Trainer, data, ctx):

@@ -13,26 +13,26 @@ import sys
 from pathlib import Path
 
 from moebench import __version__
-from moebench.errors import MoebenchError
-from moebench.paths import output_problem, write_output
+from moebench.core.errors import MoebenchError
+from moebench.core.paths import output_problem, write_output
 
 
 def _cmd_run(args) -> int:
     from tqdm import tqdm
 
-    from moebench.results import WriteError
-    from moebench.session import RunOptions, Terminated, execute, sigterm_as_interrupt
-    from moebench.suite import load_suite
+    from moebench.store.runs import WriteError
+    from moebench.run.session import RunOptions, Terminated, execute, sigterm_as_interrupt
+    from moebench.suite.load import load_suite
 
     suite = load_suite(args.suite)
     shard = None
-    if args.shard:  # one job of several (Slurm array, CI matrix): moebench/parallel/shards.py
-        from moebench.parallel.shards import parse_shard, shard_suite
+    if args.shard:  # one job of several (Slurm array, CI matrix): moebench/run/shards.py
+        from moebench.run.shards import parse_shard, shard_suite
 
         shard = parse_shard(args.shard)
         suite = shard_suite(suite, *shard)
     if suite.parallel is not None:  # under torchrun, ranks other than 0 only follow rank 0
-        from moebench.parallel.launch import follow_if_torchrun
+        from moebench.kinds.parallel.launch import follow_if_torchrun
 
         code = follow_if_torchrun(suite)
         if code is not None:
@@ -46,10 +46,10 @@ def _cmd_run(args) -> int:
         isolate=False if args.no_isolate else None,
     )
     if suite.parallel is None and not shard:  # torchrun: the ranks split the cases (one GPU each)
-        from moebench.parallel.launch import under_torchrun
+        from moebench.kinds.parallel.launch import under_torchrun
 
         if under_torchrun():
-            from moebench.parallel.shards import torchrun_sweep
+            from moebench.run.shards import torchrun_sweep
 
             return torchrun_sweep(suite, options, args.no_report, Path(args.reports))
     opened = {}
@@ -78,40 +78,40 @@ def _cmd_run(args) -> int:
         return 2
     finally:
         if suite.parallel is not None:
-            from moebench.parallel.launch import release_followers
+            from moebench.kinds.parallel.launch import release_followers
 
             release_followers()
     rows = run.rows()
     counts = {s: sum(r.get("status") == s for r in rows) for s in ("ok", "skipped", "error")}
     print(f"results: {run.path} ({counts['ok']} ok, {counts['skipped']} skipped, {counts['error']} errors)")
     if not args.no_report:
-        from moebench.report import write_report
+        from moebench.report.build import write_report
 
         print(f"report: {write_report([run.path], Path(args.reports))}")
     return 0
 
 
 def _cmd_merge(args) -> int:
-    from moebench.parallel.shards import merge_runs
+    from moebench.run.shards import merge_runs
 
     run = merge_runs([Path(p) for p in args.runs], Path(args.results))
     print(f"results: {run.path} ({len(run.rows())} rows from {len(args.runs)} runs)")
     if not args.no_report:
-        from moebench.report import write_report
+        from moebench.report.build import write_report
 
         print(f"report: {write_report([run.path], Path(args.reports))}")
     return 0
 
 
 def _cmd_report(args) -> int:
-    from moebench.report import write_report
+    from moebench.report.build import write_report
 
     print(f"report: {write_report([Path(p) for p in args.runs], Path(args.reports))}")
     return 0
 
 
 def _cmd_validate(args) -> int:
-    from moebench.suite_files import read_suite_file
+    from moebench.suite.files import read_suite_file
 
     failed = 0
     for path in args.suites:
@@ -119,7 +119,7 @@ def _cmd_validate(args) -> int:
             # read (size, file kind, YAML limits) before importing the validator and torch, so
             # a file refused for what it is is refused at once
             document, origins = read_suite_file(Path(path), str(path))
-            from moebench.suite import validate_document
+            from moebench.suite.load import validate_document
 
             suite = validate_document(document, str(path), origins)
         except MoebenchError as exc:
@@ -131,10 +131,10 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_list(args) -> int:
-    from moebench.drop_policies import DROP_POLICIES
-    from moebench.registry import options_of
+    from moebench.core.drop_policies import DROP_POLICIES
+    from moebench.core.registry import options_of
     from moebench.routers.registry import ROUTERS
-    from moebench.workloads import WORKLOADS
+    from moebench.core.workloads import WORKLOADS
 
     def options(cls) -> str:
         return ", ".join(f"{o.name}={o.default!r}" for o in options_of(cls).values())
@@ -152,7 +152,7 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_schema(args) -> int:
-    from moebench.schema import suite_json_schema
+    from moebench.suite.schema import suite_json_schema
 
     text = json.dumps(suite_json_schema(), indent=2) + "\n"
     if args.out:
@@ -164,7 +164,7 @@ def _cmd_schema(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from moebench.compare import NoiseRule, compare_runs, format_text, parse_threshold
+    from moebench.compare.verdicts import NoiseRule, compare_runs, format_text, parse_threshold
 
     _check_output(args.json, "--json")  # before the comparison, not after it
     for flag, value, low, high in (("--min-diff-ms", args.min_diff_ms, 0.0, math.inf),
@@ -187,7 +187,7 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from moebench.export import export_run
+    from moebench.compare.export import export_run
 
     _check_output(args.out, "--out", make_parents=True)
     text, count = export_run(args.run, args.format, args.out)
@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema.add_argument("--out", help="write it to this file")
     schema.set_defaults(fn=_cmd_schema)
 
-    from moebench.traces.cli import add_parser as add_trace_parser  # argparse only; recording imports lazily
+    from moebench.kinds.traces.cli import add_parser as add_trace_parser  # argparse only; recording imports lazily
 
     add_trace_parser(sub)
     return parser
@@ -304,9 +304,9 @@ class _Notices(logging.Handler):
 
 def main(argv: list[str] | None = None) -> int:
     # before anything imports torch or numba: numba on an OpenMP pool and a short OpenMP spin, so
-    # torch's and numba's pools do not take each other's cores (moebench/thread_env.py); the
+    # torch's and numba's pools do not take each other's cores (moebench/run/threads.py); the
     # user's own thread variables win, and meta.json records which applied
-    from moebench.thread_env import settle
+    from moebench.run.threads import settle
 
     settle()
     args = build_parser().parse_args(argv)

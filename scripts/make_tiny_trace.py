@@ -2,7 +2,7 @@
 
 A tiny randomly initialised Qwen3-MoE (E=16, k=2, 3 MoE layers, hidden 32, bfloat16) built
 from a config, fed the UTF-8 bytes of docs/architecture.md and README.md as token ids, recorded
-through `moebench.traces.recorder.record_model`. Deterministic for a given transformers version
+through `moebench.kinds.traces.recorder.record_model`. Deterministic for a given transformers version
 and text:  .venv/bin/python scripts/make_tiny_trace.py [OUT]
 """
 
@@ -17,9 +17,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moebench.traces.format import write_trace  # noqa: E402
-from moebench.traces.recorder import record_model  # noqa: E402
-from moebench.traces.tiny import tiny_model  # noqa: E402
+from moebench.kinds.traces.format import write_trace  # noqa: E402
+from moebench.kinds.traces.recorder import record_model  # noqa: E402
+from moebench.kinds.traces.tiny import tiny_model  # noqa: E402
 
 TOKENS = 4096
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from moebench import kernels
+from moebench.core import kernels
 from moebench.routers.base import TokenChoiceRouter
-from moebench.routing import Routing
+from moebench.core.routing import Routing
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from moebench.allocator import allocator_problem, cpu_allocator
-from moebench.suite import validate_document
+from moebench.run.allocator import allocator_problem, cpu_allocator
+from moebench.suite.load import validate_document
 
 glibc = pytest.mark.skipif(allocator_problem("reuse") is not None, reason="needs glibc's mallopt")
 
@@ -58,8 +58,8 @@ def test_suite_field_is_validated(tmp_path):
 
 @glibc
 def test_rows_record_the_allocator_and_keep_the_metrics(tmp_path):
-    from moebench.session import RunOptions, execute
-    from moebench.suite import load_suite
+    from moebench.run.session import RunOptions, execute
+    from moebench.suite.load import load_suite
 
     rows = {}
     for mode in ("system", "reuse"):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from moebench.compare import compare_runs, format_text
-from moebench.session import RunOptions, execute
-from moebench.suite import load_suite
+from moebench.compare.verdicts import compare_runs, format_text
+from moebench.run.session import RunOptions, execute
+from moebench.suite.load import load_suite
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = ROOT / "results" / "baseline" / "quickstart.json"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from moebench.capacity import CapacitySpec, expert_capacity
+from moebench.core.capacity import CapacitySpec, expert_capacity
 
 
 @pytest.mark.parametrize(

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from _capture_cases import ROUTER_CONFIGS, config_id, make_case
-from moebench import modes
-from moebench.capture import capture_route, combine_static, dispatch_static
-from moebench.dispatch import combine, dispatch
-from moebench.modes import SyncError, prepare, release_after_failure
+from moebench.run import exec_modes as modes
+from moebench.run.capture import capture_route, combine_static, dispatch_static
+from moebench.core.dispatch import combine, dispatch
+from moebench.run.exec_modes import SyncError, prepare, release_after_failure
 from moebench.routers.registry import ROUTERS
-from moebench.session import RunOptions, execute
-from moebench.suite import load_suite
+from moebench.run.session import RunOptions, execute
+from moebench.suite.load import load_suite
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -1,4 +1,4 @@
-"""The capturable forms (moebench.capture) give exactly what the eager paths give.
+"""The capturable forms (moebench.run.capture) give exactly what the eager paths give.
 
 Every comparison is torch.equal (same dtype, shape and bits) on every field of the Routing,
 on the dispatched rows, tokens, weights and counts, and on the combined output, for the
@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 
 from _capture_cases import (POLICIES, ROUTER_CONFIGS, adversarial_logits, config_id, fresh_generator, make_case,
                             tied_assignments)
-from moebench.capture import capture_route, combine_static, dispatch_static, keep_static, top_k_static
-from moebench.capture.select import order_keys
-from moebench.dispatch import combine, dispatch
-from moebench.drop_policies import keep_within_capacity, position_priority, probs_priority
+from moebench.run.capture import capture_route, combine_static, dispatch_static, keep_static, top_k_static
+from moebench.run.capture.select import order_keys
+from moebench.core.dispatch import combine, dispatch
+from moebench.core.drop_policies import keep_within_capacity, position_priority, probs_priority
 from moebench.routers.base import top_k_experts
 
 FIELDS = ("token_index", "expert_index", "choice", "weight", "kept", "probs", "logits")

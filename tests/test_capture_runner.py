@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-import moebench.runner as runner
-from moebench import modes
-from moebench.capture import SlotDispatched
-from moebench.modes import PhaseSkip, SyncError, check_sync_free, moebench_site, release_after_failure
+import moebench.run.runner as runner
+from moebench.run import exec_modes as modes
+from moebench.run.capture import SlotDispatched
+from moebench.run.exec_modes import PhaseSkip, SyncError, check_sync_free, moebench_site, release_after_failure
 from moebench.routers.base import RouteContext, RouteInputs, top_k_experts
 from moebench.routers.registry import ROUTERS
-from moebench.session import RunOptions, execute
-from moebench.suite import load_suite
+from moebench.run.session import RunOptions, execute
+from moebench.suite.load import load_suite
 
 SUITE = """
 name: phases
@@ -60,7 +60,7 @@ def test_a_phase_failing_in_preparation_leaves_the_others_and_the_metrics(tmp_pa
     assert row["status"] == "ok"
     assert row["dispatch.status"] == "error"
     assert row["dispatch.reason"] == "RuntimeError: simulated capture failure: operation not permitted when stream is capturing"
-    assert row["dispatch.error_at"].startswith("moebench/runner.py:")
+    assert row["dispatch.error_at"].startswith("moebench/run/runner.py:")
     assert "dispatch.median_ms" not in row
     for phase in ("route", "combine"):
         assert row[f"{phase}.status"] == "ok" and row[f"{phase}.median_ms"] > 0 and row[f"{phase}.rounds"] >= 2
@@ -85,7 +85,7 @@ def test_a_phase_failing_to_build_leaves_the_others(tmp_path, monkeypatch):
 
 def test_cuda_graph_mode_times_the_capturable_forms_and_skips_the_rest(tmp_path, monkeypatch):
     """cuda_graph on CPU with capture itself stubbed out (it needs CUDA; tests/test_capture_cuda.py
-    captures for real): the runner builds moebench.capture's forms, times them, and records the
+    captures for real): the runner builds moebench.run.capture's forms, times them, and records the
     route of Sinkhorn and BASE as skipped phases with their reasons, not as error rows."""
     seen = []
 
@@ -207,7 +207,7 @@ def test_a_failed_capture_reports_the_phase_error_not_cudas_generic_one(monkeypa
 
 
 def test_the_pytest_fixture_call_synchronises_on_cuda(monkeypatch):
-    from moebench.pytest_plugin import _synchronised
+    from moebench.run.pytest_plugin import _synchronised
 
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))

@@ -16,11 +16,11 @@ import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 
 from _capture_cases import POLICIES, ROUTER_CONFIGS, config_id, make_case
-from moebench.capture import capture_route, combine_static, dispatch_static, phase_problem
-from moebench.dispatch import dispatch
+from moebench.run.capture import capture_route, combine_static, dispatch_static, phase_problem
+from moebench.core.dispatch import dispatch
 from moebench.routers.base import RouteContext, RouteInputs, RouterState
 from moebench.routers.registry import ROUTERS
-from moebench.routing import Routing, SoftSlots
+from moebench.core.routing import Routing, SoftSlots
 
 DATA_DEPENDENT = (DynamicOutputShapeException, DataDependentOutputException)
 
@@ -108,7 +108,7 @@ def test_uncapturable_routes_say_why(name, why):
 
 
 def test_an_uncapturable_drop_policy_is_named(monkeypatch):
-    from moebench import drop_policies
+    from moebench.core import drop_policies
 
     monkeypatch.setitem(drop_policies.DROP_POLICIES, "made_up", drop_policies.position_priority)
     ctx = RouteContext(2, 4, "made_up")
@@ -120,7 +120,7 @@ def test_an_uncapturable_drop_policy_is_named(monkeypatch):
 def test_a_subclass_gets_the_form_of_the_route_it_runs():
     from dataclasses import dataclass
 
-    from moebench.capture.routes import route_topk
+    from moebench.run.capture.routes import route_topk
     from moebench.routers.token_choice import TopK
 
     @dataclass(frozen=True)

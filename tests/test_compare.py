@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from moebench.cli import main
-from moebench.compare import Comparison, Gate, NoiseRule, compare_runs, load_side, parse_gate
-from moebench.errors import MoebenchError
+from moebench.compare.verdicts import Comparison, Gate, NoiseRule, compare_runs, load_side, parse_gate
+from moebench.core.errors import MoebenchError
 from moebench.routers.registry import register
 from moebench.routers.token_choice import TopK
 
@@ -268,8 +268,8 @@ timing: {{warmup_rounds: 1, min_rounds: {rounds}, max_rounds: {rounds}, min_time
 
 
 def execute_suite(tmp_path: Path, name: str, quick: bool = True, rounds: int = 5, **fields) -> Path:
-    from moebench.session import RunOptions, execute
-    from moebench.suite import load_suite
+    from moebench.run.session import RunOptions, execute
+    from moebench.suite.load import load_suite
 
     path = tmp_path / f"{name}.yaml"
     path.write_text(SUITE.format(name=name, rounds=rounds, **fields))
@@ -305,7 +305,7 @@ def test_quick_runs_give_not_enough_rounds_not_a_regression(tmp_path, capsys):
 
 
 def test_injected_drop_policy_change_is_caught(tmp_path, monkeypatch, capsys):
-    import moebench.drop_policies as drop_policies
+    import moebench.core.drop_policies as drop_policies
 
     # on this workload ranking drops by score leaves more tokens with no expert at all
     fields = dict(workload="{name: hot_experts, params: {hot: 2, fraction: 0.5}}", tokens=512, experts=8, top_k=2,

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from moebench import kernels
-from moebench.dispatch import combine as _combine
-from moebench.dispatch import dispatch as _dispatch
+from moebench.core import kernels
+from moebench.core.dispatch import combine as _combine
+from moebench.core.dispatch import dispatch as _dispatch
 from moebench.routers import RouteContext, RouteInputs, create_router
-from moebench.routing import Routing
+from moebench.core.routing import Routing
 
 
 # every test runs on both implementations of dispatch/combine: plain torch and, where numba

@@ -1,5 +1,5 @@
-"""dispatch/combine: the numba kernels (moebench.kernels.dispatch_rows / combine_rows) give
-exactly what the plain-torch paths of moebench.dispatch give, on Routings built by hand to
+"""dispatch/combine: the numba kernels (moebench.core.kernels.dispatch_rows / combine_rows) give
+exactly what the plain-torch paths of moebench.core.dispatch give, on Routings built by hand to
 be awkward (everything dropped, nothing dropped, no assignments, one token repeated many
 times, out-of-order token lists, k up to 8, E not dividing T), on any dtype for dispatch, on
 non-contiguous tensors, and on floats where the order of the additions shows.
@@ -16,9 +16,9 @@ pytest.importorskip("numba")
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moebench import kernels
-from moebench.dispatch import combine, dispatch
-from moebench.routing import Routing
+from moebench.core import kernels
+from moebench.core.dispatch import combine, dispatch
+from moebench.core.routing import Routing
 
 FIELDS = ("rows", "token_index", "weight", "counts")
 

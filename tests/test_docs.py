@@ -2,18 +2,18 @@
 
 from pathlib import Path
 
-from moebench.docgen import render
+from moebench.routers.docgen import render
 from moebench.routers.registry import ROUTERS
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "routers.md"
 
 
 def test_routers_doc_is_fresh():
-    assert DOC.read_text() == render(), "regenerate: python -m moebench.docgen > docs/routers.md"
+    assert DOC.read_text() == render(), "regenerate: python -m moebench.routers.docgen > docs/routers.md"
 
 
 def test_every_builtin_router_has_notes_and_a_paper():
-    from moebench.docgen import NOTES
+    from moebench.routers.docgen import NOTES
 
     builtin = [n for n, c in ROUTERS.classes().items() if c.__module__.startswith("moebench.routers.")]
     assert set(builtin) <= set(NOTES)

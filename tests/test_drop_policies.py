@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from moebench.drop_policies import (
+from moebench.core.drop_policies import (
     DROP_POLICIES,
     bpr_priority,
     get_drop_policy,
@@ -14,8 +14,8 @@ from moebench.drop_policies import (
     probs_priority,
     random_priority,
 )
-from moebench import kernels
-from moebench.errors import UnknownNameError
+from moebench.core import kernels
+from moebench.core.errors import UnknownNameError
 from moebench.routers import RouteContext, RouteInputs, create_router
 
 
@@ -267,7 +267,7 @@ def test_gshard_position_first_choices_before_second(impl):
 
 
 def test_fast_keep_only_while_the_policy_is_the_one_it_reproduces(monkeypatch):
-    from moebench.drop_policies import fast_keep
+    from moebench.core.drop_policies import fast_keep
 
     assert fast_keep("position") is not None and fast_keep("probs") is not None
     assert fast_keep("bpr") is None and fast_keep("random") is None

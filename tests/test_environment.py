@@ -2,7 +2,7 @@
 
 import json
 
-from moebench.environment import capture_environment, machine_summary
+from moebench.run.machine import capture_environment, machine_summary
 
 KEYS = {
     "python", "platform", "hostname", "cpu_model", "logical_cores", "cpu_affinity",
@@ -54,7 +54,7 @@ def test_machine_summary_of_real_env():
 
 
 def test_only_code_changes_make_a_checkout_dirty():
-    from moebench.environment import _counts_as_a_change
+    from moebench.run.machine import _counts_as_a_change
 
     assert _counts_as_a_change(" M moebench/cli.py") and _counts_as_a_change("A  new.py")
     assert _counts_as_a_change("?? my_router.py")  # an untracked plugin changes what ran

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from moebench.cli import main
-from moebench.compare import load_side
-from moebench.export import export_run, pytest_benchmark_stats
+from moebench.compare.verdicts import load_side
+from moebench.compare.export import export_run, pytest_benchmark_stats
 
 RUNS = Path(__file__).resolve().parent / "fixtures" / "runs"
 STATS_FIELDS = {"min", "max", "mean", "stddev", "rounds", "median", "iqr", "q1", "q3", "iqr_outliers",
@@ -165,7 +165,7 @@ def _entry_point_visible(cwd: Path) -> bool:
 
 def _pytest(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     # Installed: the entry point loads it. Not installed (a bare checkout): load the module.
-    plugin = [] if _entry_point_visible(tmp_path) else ["-p", "no:moebench", "-p", "moebench.pytest_plugin"]
+    plugin = [] if _entry_point_visible(tmp_path) else ["-p", "no:moebench", "-p", "moebench.run.pytest_plugin"]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *plugin, *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
 
@@ -174,7 +174,7 @@ def test_plugin_entry_point_is_declared():
     import tomllib
 
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
-    assert project["entry-points"]["pytest11"] == {"moebench": "moebench.pytest_plugin"}
+    assert project["entry-points"]["pytest11"] == {"moebench": "moebench.run.pytest_plugin"}
 
 
 @pytest.fixture
@@ -205,5 +205,5 @@ def test_plugin_fixture_with_benchmark_disabled(plugin_project):
 
 
 def test_plugin_import_is_light():
-    code = "import sys, moebench.pytest_plugin; sys.exit('torch' in sys.modules)"
+    code = "import sys, moebench.run.pytest_plugin; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -1,4 +1,4 @@
-"""The numba fast paths (moebench.kernels) give exactly what the plain-torch paths give.
+"""The numba fast paths (moebench.core.kernels) give exactly what the plain-torch paths give.
 
 Every comparison is torch.equal on every tensor of the Routing / Dispatched / combine output:
 the kernels reproduce the torch code's floats bit for bit, including on adversarial inputs
@@ -19,10 +19,10 @@ pytest.importorskip("numba")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from moebench import kernels  # noqa: E402
-from moebench.dispatch import combine, dispatch  # noqa: E402
-from moebench.drop_policies import keep_within_capacity, position_priority, probs_priority  # noqa: E402
-from moebench.errors import MoebenchError  # noqa: E402
+from moebench.core import kernels  # noqa: E402
+from moebench.core.dispatch import combine, dispatch  # noqa: E402
+from moebench.core.drop_policies import keep_within_capacity, position_priority, probs_priority  # noqa: E402
+from moebench.core.errors import MoebenchError  # noqa: E402
 from moebench.routers import RouteContext, RouteInputs, RouterState, create_router  # noqa: E402
 from moebench.routers.base import normalize_weights, top_k_experts  # noqa: E402
 from _capture_cases import adversarial_logits, tied_assignments  # one set of tie and extreme inputs for every path

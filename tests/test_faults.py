@@ -26,12 +26,14 @@ from pathlib import Path
 import pytest
 from tqdm import tqdm
 
-from moebench import durable, results
+from moebench.store import durable
+
+from moebench.store import runs as results
 from moebench.cli import main
-from moebench.metrics import METRICS
-from moebench.report import build_data
-from moebench.results import RunDir, effective_status, load_run, read_jsonl
-from moebench.run_lock import LOCK, RunLock, process_identity, process_state
+from moebench.core.metrics import METRICS
+from moebench.report.build import build_data
+from moebench.store.runs import RunDir, effective_status, load_run, read_jsonl
+from moebench.store.lock import LOCK, RunLock, process_identity, process_state
 
 ROOT = Path(__file__).resolve().parent.parent
 tqdm.get_lock()  # made here (and so in the forkserver): killed children then leak no semaphore of their own
@@ -83,7 +85,7 @@ def ctx():
 
     context = mp.get_context("forkserver")
     before = list(getattr(forkserver._forkserver, "_preload_modules", ["__main__"]))
-    context.set_forkserver_preload(["moebench.cli", "moebench.session", "moebench.report", __name__])
+    context.set_forkserver_preload(["moebench.cli", "moebench.run.session", "moebench.report.build", __name__])
     warm = context.Process(target=time.sleep, args=(0,))  # start the server (imports) now, untimed
     warm.start()
     warm.join(120)
@@ -290,7 +292,7 @@ def test_sigterm_of_python_m_moebench_is_an_interrupt(reference, tmp_path, capsy
 
 def test_sigterm_in_process_marks_interrupted(suite_file, tmp_path, capsys):
     """The handler itself: SIGTERM in the middle of the case loop ends the run as Ctrl-C does."""
-    from moebench import session
+    from moebench.run import session
 
     real = session.case_rows
     calls = []
@@ -317,7 +319,7 @@ def test_sigterm_in_process_marks_interrupted(suite_file, tmp_path, capsys):
 def test_second_writer_is_refused_and_readers_are_not(ctx, suite_file, reference, tmp_path, capsys):
     root = tmp_path / "r"
     with pytest.MonkeyPatch.context() as mp_:  # a partial run: stop after two cases
-        from moebench import session
+        from moebench.run import session
 
         real, calls = session.case_rows, []
 
@@ -361,7 +363,7 @@ def test_second_writer_is_refused_and_readers_are_not(ctx, suite_file, reference
 @pytest.fixture
 def partial(suite_file, tmp_path):
     """A run interrupted after 4 of its 8 cases (12 rows), made in this process."""
-    from moebench import session
+    from moebench.run import session
 
     real, calls = session.case_rows, []
 
@@ -672,7 +674,7 @@ def test_report_calls_a_dead_running_run_interrupted(partial, tmp_path):
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     run.update_meta(status="running", process=dict(process_identity(), pid=child.pid))
-    from moebench.report import write_report
+    from moebench.report.build import write_report
 
     text = write_report([partial], tmp_path / "p").read_text()
     assert "**INTERRUPTED**" in text

@@ -24,8 +24,8 @@ import pytest
 import yaml
 
 from moebench.cli import main
-from moebench.suite import AXES, MAX_CASES, TIMING, Rule
-from moebench.suite_files import MAX_DEPTH, MAX_FILE_BYTES, MAX_INCLUDES, MAX_NODES
+from moebench.suite.load import AXES, MAX_CASES, TIMING, Rule
+from moebench.suite.files import MAX_DEPTH, MAX_FILE_BYTES, MAX_INCLUDES, MAX_NODES
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE_RUN = ROOT / "tests" / "fixtures" / "runs" / "base"
@@ -441,11 +441,11 @@ def corpus_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module", autouse=True)
 def warm(corpus_dir):
     """Import what the commands import once, so that each refusal is timed, not the imports."""
-    import moebench.compare  # noqa: F401
-    import moebench.export  # noqa: F401
-    import moebench.report  # noqa: F401
-    import moebench.session  # noqa: F401
-    import moebench.suite  # noqa: F401
+    import moebench.compare.verdicts  # noqa: F401
+    import moebench.compare.export  # noqa: F401
+    import moebench.report.build  # noqa: F401
+    import moebench.run.session  # noqa: F401
+    import moebench.suite.load  # noqa: F401
 
     assert main(["validate", str(corpus_dir / "good.yaml")]) == 0
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 import fault_routers
-from moebench.isolation import WORKERS
-from moebench.results import load_run
+from moebench.run.isolation import WORKERS
+from moebench.store.runs import load_run
 from moebench.routers.registry import ROUTERS
-from moebench.session import RunOptions, execute
-from moebench.suite import load_suite
+from moebench.run.session import RunOptions, execute
+from moebench.suite.load import load_suite
 
 SUITE = """
 name: faults
@@ -132,10 +132,10 @@ def test_sigterm_of_the_parent_ends_the_worker(tmp_path):
         import sys
         sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parent.parent)!r}]
         import fault_routers
-        from moebench.isolation import WORKERS
+        from moebench.run.isolation import WORKERS
         from moebench.routers.registry import ROUTERS
-        from moebench.session import RunOptions, execute
-        from moebench.suite import load_suite
+        from moebench.run.session import RunOptions, execute
+        from moebench.suite.load import load_suite
         ROUTERS.classes()
         ROUTERS.register("fault_hang")(fault_routers.Hangs)
         import signal
@@ -184,8 +184,8 @@ def _alive(pid: int) -> bool:
     ("isolate", "no", "timing.isolate: expected a boolean, got 'no'"),
 ])
 def test_timing_fields_are_validated(field, value, expected):
-    from moebench.errors import SuiteError
-    from moebench.suite import validate_document
+    from moebench.core.errors import SuiteError
+    from moebench.suite.load import validate_document
 
     doc = {"name": "s", "version": 1, "grid": {"workload": "uniform", "tokens": 8, "experts": 2, "top_k": 1},
            "routers": ["topk"], "timing": {field: value}}
@@ -202,7 +202,7 @@ def test_no_isolate_runs_in_process_and_is_recorded(tmp_path, monkeypatch, capsy
     is the isolated path entered, which would also count nothing with a worker left running
     by an earlier test), the rows are measured, and meta.json records the override. The same
     suite without the flag takes the isolated path (stubbed here: no worker start needed)."""
-    import moebench.isolation as isolation
+    import moebench.run.isolation as isolation
     from moebench.cli import main
 
     path = suite_file(tmp_path, [GOOD[0]], "isolate: true")

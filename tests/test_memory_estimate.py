@@ -1,5 +1,5 @@
-"""Memory estimates before allocating (moebench/memory_estimate.py), lazy streams
-(moebench/stream_batches.py) and folders that stay under their roots (moebench/paths.py)."""
+"""Memory estimates before allocating (moebench/run/memory_estimate.py), lazy streams
+(moebench/core/stream_batches.py) and folders that stay under their roots (moebench/core/paths.py)."""
 
 from __future__ import annotations
 
@@ -12,18 +12,18 @@ from dataclasses import replace
 import pytest
 import torch
 
-from moebench import runner as runner_mod
-from moebench.case import Case, NamedSpec, TimingSpec
+from moebench.run import runner as runner_mod
+from moebench.core.case import Case, NamedSpec, TimingSpec
 from moebench.cli import main
-from moebench.dispatch import combine, dispatch
-from moebench.errors import MoebenchError
-from moebench.memory_estimate import available, estimate, gib, memory_problem
-from moebench.paths import folder_name_problem, inside, under
+from moebench.core.dispatch import combine, dispatch
+from moebench.core.errors import MoebenchError
+from moebench.run.memory_estimate import available, estimate, gib, memory_problem
+from moebench.core.paths import folder_name_problem, inside, under
 from moebench.routers.base import RouteContext
 from moebench.routers.registry import ROUTERS
-from moebench.runner import CaseRunner
-from moebench.stream_batches import Batches
-from moebench.workloads import WORKLOADS, BatchShape, generator
+from moebench.run.runner import CaseRunner
+from moebench.core.stream_batches import Batches
+from moebench.core.workloads import WORKLOADS, BatchShape, generator
 
 NO_TIMING = TimingSpec(enabled=False, isolate=False)
 
@@ -66,7 +66,7 @@ def test_estimate_covers_the_tensors_a_route_really_holds(name):
     router = ROUTERS.create(name)
     shape = BatchShape(c.tokens, c.experts, c.hidden)
     inputs = WORKLOADS.create("uniform").batch(shape, 0, 0)
-    from moebench.capacity import expert_capacity
+    from moebench.core.capacity import expert_capacity
 
     ctx = RouteContext(c.top_k, expert_capacity(c.capacity, c.tokens, c.experts, c.top_k), "position",
                        generator("cpu", 0, 1), router.init_state(c.experts, torch.device("cpu")))
@@ -185,7 +185,7 @@ def test_under_refuses_a_symlink_out_of_the_root(tmp_path):
 def test_an_output_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     import errno
 
-    import moebench.paths as paths
+    import moebench.core.paths as paths
 
     target = tmp_path / "out.json"
     paths.write_output(target, "old\n", "--out")

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from moebench.metrics import METRICS, PHASES, direction, expert_loads, routing_metrics
-from moebench.routing import Routing, SoftSlots
+from moebench.core.metrics import METRICS, PHASES, direction, expert_loads, routing_metrics
+from moebench.core.routing import Routing, SoftSlots
 
 
 def routing(token, expert, kept, weight, probs, logits=None, top_k=1, capacity=None, choice=None, soft=None):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moebench.errors import SuiteError
-from moebench.modes import mode_problem, prepare
-from moebench.session import RunOptions, execute
-from moebench.suite import load_suite
+from moebench.core.errors import SuiteError
+from moebench.run.exec_modes import mode_problem, prepare
+from moebench.run.session import RunOptions, execute
+from moebench.suite.load import load_suite
 
 SUITE = """
 name: modes

@@ -11,12 +11,12 @@ import time
 import pytest
 import torch
 
-from moebench.case import Case, NamedSpec
-from moebench.parallel.layer import Experts, global_batches, reference_layer, route_shard, shard_inputs
-from moebench.parallel.placement import Placement
-from moebench.parallel.plan import byte_matrix, rank_plan, shard_bounds
-from moebench.parallel.rows import engine_rows
-from moebench.parallel.spec import ParallelSpec
+from moebench.core.case import Case, NamedSpec
+from moebench.kinds.parallel.layer import Experts, global_batches, reference_layer, route_shard, shard_inputs
+from moebench.kinds.parallel.placement import Placement
+from moebench.kinds.parallel.plan import byte_matrix, rank_plan, shard_bounds
+from moebench.kinds.parallel.rows import engine_rows
+from moebench.kinds.parallel.spec import ParallelSpec
 from moebench.routers.registry import ROUTERS
 
 BASE = {"run_id": "test", "suite": "test"}
@@ -135,7 +135,7 @@ def test_torchrun_ranks_follow_rank_0_into_one_run(tmp_path):
     import sys
     from pathlib import Path
 
-    from moebench.results import load_run
+    from moebench.store.runs import load_run
 
     suite = tmp_path / "ep2.yaml"
     suite.write_text(TORCHRUN_SUITE)
@@ -152,8 +152,8 @@ def test_torchrun_ranks_follow_rank_0_into_one_run(tmp_path):
 
 
 def test_start_method_is_checked_before_any_rank_starts(monkeypatch):
-    from moebench import environment
-    from moebench.parallel import launch
+    from moebench.run import machine as environment
+    from moebench.kinds.parallel import launch
 
     monkeypatch.setenv("MOEBENCH_START_METHOD", "frok")
     with pytest.raises(launch.LaunchFailure, match="expected one of forkserver, spawn, fork"):

@@ -5,17 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moebench.errors import SuiteError
-from moebench.parallel import published
-from moebench.parallel.costmodel import Profile, alltoall_times, fit_latency_bandwidth, layer_times, link_bytes
-from moebench.parallel.placement import eplb
-from moebench.parallel.plan import rank_plan, row_matrix, shard_bounds
-from moebench.parallel.profiles import H800_LATENCY_S
-from moebench.parallel.rows import model_matrix
+from moebench.core.errors import SuiteError
+from moebench.kinds.parallel import published
+from moebench.kinds.parallel.costmodel import Profile, alltoall_times, fit_latency_bandwidth, layer_times, link_bytes
+from moebench.kinds.parallel.placement import eplb
+from moebench.kinds.parallel.plan import rank_plan, row_matrix, shard_bounds
+from moebench.kinds.parallel.profiles import H800_LATENCY_S
+from moebench.kinds.parallel.rows import model_matrix
 from moebench.routers.base import RouteContext
 from moebench.routers.registry import ROUTERS
-from moebench.suite import validate_document
-from moebench.workloads import WORKLOADS, BatchShape
+from moebench.suite.load import validate_document
+from moebench.core.workloads import WORKLOADS, BatchShape
 
 TOY = Profile("toy", gpus_per_node=2, intra_bw=100.0, inter_bw=10.0, intra_latency_s=1.0, inter_latency_s=5.0)
 
@@ -104,7 +104,7 @@ def test_good_parallel_block():
 
 
 def test_inter_node_fraction_hand_case():
-    from moebench.parallel.rows import _inter_node
+    from moebench.kinds.parallel.rows import _inter_node
 
     m = torch.tensor([[1, 2, 3, 4], [1, 1, 1, 1], [0, 0, 5, 5], [2, 0, 0, 0]])
     assert _inter_node(m, 2) == pytest.approx((3 + 4 + 1 + 1 + 2) / 26)  # ranks {0,1} and {2,3}

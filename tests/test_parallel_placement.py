@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moebench.parallel.placement import (Placement, balanced_packing, contiguous, eplb, eplb_slots, rank_imbalance,
+from moebench.kinds.parallel.placement import (Placement, balanced_packing, contiguous, eplb, eplb_slots, rank_imbalance,
                                          replicate, round_robin)
 
 README_WEIGHT = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
@@ -85,7 +85,7 @@ def test_eplb_properties(data):
 def zipf_loads(experts: int = 256, tokens: int = 16384, top_k: int = 8) -> torch.Tensor:
     from moebench.routers.base import RouteContext
     from moebench.routers.registry import ROUTERS
-    from moebench.workloads import WORKLOADS, BatchShape
+    from moebench.core.workloads import WORKLOADS, BatchShape
 
     inputs = WORKLOADS.create("zipf", {"s": 1.0}).batch(BatchShape(tokens, experts, 16), seed=0)
     routing = ROUTERS.create("topk", {}).route(inputs, RouteContext(top_k, None))

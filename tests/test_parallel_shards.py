@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from moebench.cli import main
-from moebench.errors import MoebenchError
-from moebench.metrics import METRICS
-from moebench.parallel.shards import merge_runs, parse_shard
-from moebench.results import load_run
+from moebench.core.errors import MoebenchError
+from moebench.core.metrics import METRICS
+from moebench.run.shards import merge_runs, parse_shard
+from moebench.store.runs import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,15 +13,15 @@ import sys
 import pytest
 import torch
 
-from moebench.capacity import CapacitySpec, expert_capacity
-from moebench.case import TimingSpec
-from moebench.errors import WorkloadMismatchError
+from moebench.core.capacity import CapacitySpec, expert_capacity
+from moebench.core.case import TimingSpec
+from moebench.core.errors import WorkloadMismatchError
 from moebench.peers import base as peer_base
 from moebench.peers.base import PeerSkip, factor_for_capacity, rank_major
 from moebench.peers.conformance import PAIRS, compare, main as conformance_main, replayed_kept, time_rows
 from moebench.routers.base import RouteContext, RouteInputs
 from moebench.routers.registry import ROUTERS
-from moebench.workloads import WORKLOADS, BatchShape
+from moebench.core.workloads import WORKLOADS, BatchShape
 
 PEERS = ["peer:megatron.topk", "peer:megatron.sinkhorn", "peer:deepspeed.topkgating", "peer:deepspeed.top1gating",
          "peer:deepspeed.top2gating", "peer:hf.mixtral"]

@@ -9,12 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moebench import plots
-from moebench.figures import Style, draw_lines, new_figure
-from moebench.html_report import markdown_to_html, render_html
-from moebench.report import write_report
-from moebench.results import LOADS, RunDir
-from moebench.tables import load_expert_loads, load_rows
+from moebench.report import plots
+from moebench.report.plot_style import Style, draw_lines, new_figure
+from moebench.report.html import markdown_to_html, render_html
+from moebench.report.build import write_report
+from moebench.store.runs import LOADS, RunDir
+from moebench.report.tables import load_expert_loads, load_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROUTERS = ("topk", "expert_choice", "random")

@@ -6,9 +6,9 @@ import math
 import pandas as pd
 import pytest
 
-from moebench.report import write_report
-from moebench.results import RunDir
-from moebench.tables import (
+from moebench.report.build import write_report
+from moebench.store.runs import RunDir
+from moebench.report.tables import (
     balance_table, column_direction, engineering, format_value, load_rows, markdown_table,
 )
 
@@ -273,10 +273,10 @@ def phase_run(tmp_path, monkeypatch):
     """A real in-process run where Sinkhorn's route is a skipped phase in both cases (as in
     cuda_graph mode) and preparing topk's dispatch raises in the first case (uniform), the
     way tests/test_capture_runner.py simulates a failed capture."""
-    import moebench.runner as runner
-    from moebench.modes import PhaseSkip
-    from moebench.session import RunOptions, execute
-    from moebench.suite import load_suite
+    import moebench.run.runner as runner
+    from moebench.run.exec_modes import PhaseSkip
+    from moebench.run.session import RunOptions, execute
+    from moebench.suite.load import load_suite
 
     real_builders, real_prepare, seen = runner.phase_builders, runner.prepare, []
 
@@ -325,13 +325,13 @@ def test_phases_not_timed_section_and_throughput_cells(phase_run, tmp_path):
     assert skip[2:5] == ["skipped", "route: Sinkhorn's tolerance loop cannot be captured", "2 of 2"]
     assert skip[5] == "uniform T=64 E=4 k=2 cf=1; zipf T=64 E=4 k=2 cf=1"
     err = grouped["topk", "dispatch"]
-    assert err[2] == "error" and err[3].startswith(SIMULATED + " (at `moebench/runner.py:")
+    assert err[2] == "error" and err[3].startswith(SIMULATED + " (at `moebench/run/runner.py:")
     assert err[4:] == ["1 of 2", "uniform T=64 E=4 k=2 cf=1"]
 
     per_case = pd.read_csv(path.parent / "phases_not_timed.csv")
     assert list(zip(per_case["router"], per_case["phase"], per_case["status"])) == [
         ("topk", "dispatch", "error"), ("sinkhorn", "route", "skipped"), ("sinkhorn", "route", "skipped")]
-    assert per_case["error_at"].iloc[0].startswith("moebench/runner.py:") and per_case["error_at"].iloc[1:].isna().all()
+    assert per_case["error_at"].iloc[0].startswith("moebench/run/runner.py:") and per_case["error_at"].iloc[1:].isna().all()
 
     speed = {(r["case"].split()[0], r["router"]): r for r in md_table(text, "Throughput")}
     assert "route.status" not in speed["uniform", "topk"]  # the status shows in the cells instead

@@ -13,11 +13,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moebench.capacity import CapacitySpec, expert_capacity
-from moebench.dispatch import combine, dispatch
-from moebench.drop_policies import DROP_POLICIES
-from moebench.errors import MoebenchError, WorkloadMismatchError
-from moebench.metrics import routing_metrics
+from moebench.core.capacity import CapacitySpec, expert_capacity
+from moebench.core.dispatch import combine, dispatch
+from moebench.core.drop_policies import DROP_POLICIES
+from moebench.core.errors import MoebenchError, WorkloadMismatchError
+from moebench.core.metrics import routing_metrics
 from moebench.peers.base import PeerSkip
 from moebench.routers import RouteContext, RouteInputs, TokenChoiceRouter, create_router, router_classes
 

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from moebench import kernels
-from moebench.metrics import routing_metrics
+from moebench.core import kernels
+from moebench.core.metrics import routing_metrics
 from moebench.routers import RouteContext, RouteInputs, RouterState, create_router, router_classes
-from moebench.workloads import BatchShape, create_workload
+from moebench.core.workloads import BatchShape, create_workload
 
 
 def t(x, dtype=torch.float32):
@@ -129,7 +129,7 @@ def test_topk_softmax_after_topk_mixtral():
 
 @pytest.mark.parametrize("impl", ["torch", "numba"])
 def test_topk_ties_go_to_lowest_expert(impl):
-    from moebench import kernels
+    from moebench.core import kernels
 
     if impl == "numba" and not kernels.available():
         pytest.skip("numba does not import")
@@ -145,7 +145,7 @@ def test_topk_ties_go_to_lowest_expert(impl):
 
 
 def test_topk_softmax_after_topk_needs_softmax():
-    from moebench.errors import MoebenchError
+    from moebench.core.errors import MoebenchError
 
     with pytest.raises(MoebenchError):
         create_router("topk", {"softmax_after_topk": True, "score": "sigmoid"})
@@ -435,7 +435,7 @@ def test_expert_bias_update_rule(name):
     state = router.init_state(4, torch.device("cpu"))
     assert state.bias.tolist() == [0.0] * 4
     # 4 tokens; load [3, 1, 0, 0] (mean 1) -> bias += 0.25 * sign(1 - c) = [-.25, 0, .25, .25]
-    from moebench.routing import Routing
+    from moebench.core.routing import Routing
 
     routing = Routing(
         token_index=t([0, 1, 2, 3], torch.int64), expert_index=t([0, 0, 0, 1], torch.int64),
@@ -468,7 +468,7 @@ def test_no_bias_without_option():
 
 @pytest.mark.parametrize("impl", ["torch", "numba"])
 def test_topk_bias_changes_selection_not_weights(impl):
-    from moebench import kernels
+    from moebench.core import kernels
 
     if impl == "numba" and not kernels.available():
         pytest.skip("numba does not import")

@@ -17,16 +17,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
-from moebench.capacity import CapacitySpec, expert_capacity
-from moebench.dispatch import combine, dispatch
-from moebench.errors import MoebenchError, WorkloadMismatchError
-from moebench.metrics import routing_metrics
+from moebench.core.capacity import CapacitySpec, expert_capacity
+from moebench.core.dispatch import combine, dispatch
+from moebench.core.errors import MoebenchError, WorkloadMismatchError
+from moebench.core.metrics import routing_metrics
 from moebench.routers import RouteContext, RouteInputs, create_router
 from moebench.routers.base_layers import balanced_assignment
 from moebench.routers.hashing import balanced_map, hash_experts
 from moebench.routers.sinkhorn import sinkhorn
 from moebench.routers.soft_moe import make_phi, soft_slots
-from moebench.routing import Routing, SoftSlots
+from moebench.core.routing import Routing, SoftSlots
 
 LN3 = math.log(3.0)
 
@@ -220,7 +220,7 @@ def reference_sinkhorn_topk(x: torch.Tensor, k: int, tol: float = 1e-4) -> tuple
 @pytest.mark.parametrize("workload, spread", [("zipf", 1.0), ("zipf", 3.5), ("uniform", 1.0)])
 def test_sinkhorn_selection_matches_a_float64_reference(workload, spread, monkeypatch):
     from moebench.routers import sinkhorn as sk
-    from moebench.workloads import WORKLOADS, BatchShape
+    from moebench.core.workloads import WORKLOADS, BatchShape
 
     x = WORKLOADS.create(workload, {}).batch(BatchShape(4096, 16, 32), 3).logits * spread
     kernel, _, _, iters = sk.sinkhorn_scaling(x)

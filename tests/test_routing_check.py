@@ -9,13 +9,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from moebench.capacity import CapacitySpec, expert_capacity
-from moebench.errors import WorkloadMismatchError
+from moebench.core.capacity import CapacitySpec, expert_capacity
+from moebench.core.errors import WorkloadMismatchError
 from moebench.routers.base import RouteContext, RouteInputs
 from moebench.routers.registry import ROUTERS
-from moebench.routing import Routing, SoftSlots
-from moebench.routing_check import InvalidRouting, check_routing, routing_problems
-from moebench.workloads import generator
+from moebench.core.routing import Routing, SoftSlots
+from moebench.core.routing_check import InvalidRouting, check_routing, routing_problems
+from moebench.core.workloads import generator
 
 
 def good() -> Routing:

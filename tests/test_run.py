@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from moebench.cli import main
-from moebench.metrics import direction
-from moebench.results import load_run
+from moebench.core.metrics import direction
+from moebench.store.runs import load_run
 from moebench.routers.base import RouteInputs
-from moebench.session import RunOptions, execute
-from moebench.suite import load_suite
-from moebench.workloads import WORKLOADS, Uniform
+from moebench.run.session import RunOptions, execute
+from moebench.suite.load import load_suite
+from moebench.core.workloads import WORKLOADS, Uniform
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "suites").glob("*.yaml"))

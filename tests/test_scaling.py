@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from moebench.scaling import scaling_table
+from moebench.core.scaling import scaling_table
 
 
 def _rows(router, tokens, experts, ms):

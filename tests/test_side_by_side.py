@@ -6,7 +6,7 @@ import math
 
 import pandas as pd
 
-from moebench.side_by_side import markdown, side_by_side_table
+from moebench.report.route_pivot import markdown, side_by_side_table
 
 
 def _rows():

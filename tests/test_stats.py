@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moebench.stats import Stats, median_ci_ranks, summarize
+from moebench.core.timing_stats import Stats, median_ci_ranks, summarize
 
 
 def test_five_samples_literal():
@@ -146,7 +146,7 @@ def test_ci_ranks_reach_confidence(n, confidence):
 @pytest.mark.parametrize(("n", "coverage"), [(2, 0.5), (3, 0.75), (4, 0.875), (5, 0.9375), (6, 0.96875)])
 def test_min_max_coverage_literal(n, coverage):
     # [x_(1), x_(n)] misses the median only when all n samples fall on one side: 2 / 2^n
-    from moebench.stats import order_statistic_coverage
+    from moebench.core.timing_stats import order_statistic_coverage
 
     assert order_statistic_coverage(n, 1, n) == pytest.approx(coverage)
     s = summarize([float(i) for i in range(n)])
@@ -158,7 +158,7 @@ def test_min_max_coverage_literal(n, coverage):
 
 def test_coverage_n9_literal():
     # Binom(9, 1/2): P(B<=1) = 10/512; (2, 8) covers P(2 <= B <= 7) = 1 - 20/512 = 0.9609
-    from moebench.stats import order_statistic_coverage
+    from moebench.core.timing_stats import order_statistic_coverage
 
     s = summarize([float(i) for i in range(9)])
     assert (s.ci_low, s.ci_high) == (1.0, 7.0)

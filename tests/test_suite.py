@@ -16,10 +16,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moebench.case import Case, NamedSpec, TimingSpec
-from moebench.errors import SuiteError
-from moebench.schema import suite_json_schema
-from moebench.suite import AXES, TIMING, load_document, load_suite, validate_document
+from moebench.core.case import Case, NamedSpec, TimingSpec
+from moebench.core.errors import SuiteError
+from moebench.suite.schema import suite_json_schema
+from moebench.suite.load import AXES, TIMING, load_document, load_suite, validate_document
 
 SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
 

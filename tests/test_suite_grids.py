@@ -5,9 +5,9 @@ from __future__ import annotations
 import jsonschema
 import pytest
 
-from moebench.errors import SuiteError
-from moebench.schema import suite_json_schema
-from moebench.suite import load_suite
+from moebench.core.errors import SuiteError
+from moebench.suite.schema import suite_json_schema
+from moebench.suite.load import load_suite
 
 UNION = """
 name: union

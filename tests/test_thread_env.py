@@ -1,4 +1,4 @@
-"""moebench's thread settings (moebench/thread_env.py) where moebench owns the process (the CLI, its
+"""moebench's thread settings (moebench/run/threads.py) where moebench owns the process (the CLI, its
 workers), never in a library user's; a user's choice wins; meta records what applied."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 
-from moebench import thread_env
+from moebench.run import threads as thread_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THREAD_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY",
@@ -86,7 +86,7 @@ def test_worker_environment_fills_in_what_the_user_left():
 
 def test_cli_sets_them_and_meta_records_them():
     code = ("import os, json; from moebench.cli import main; main(['list']); "
-            "from moebench.environment import capture_environment; e = capture_environment(['cpu']); "
+            "from moebench.run.machine import capture_environment; e = capture_environment(['cpu']); "
             "print(json.dumps([os.environ.get('GOMP_SPINCOUNT'), e['threads'], e['env']]))")
     spin, threads, recorded = json.loads(_python(code))
     assert spin == "10000" and recorded["GOMP_SPINCOUNT"] == "10000"
@@ -97,9 +97,9 @@ def test_cli_sets_them_and_meta_records_them():
 def test_library_import_leaves_the_users_process_alone():
     # the entry modules load neither torch nor numba (settle() must run before either reads its
     # variables), and importing the library sets nothing
-    code = ("import os, sys, moebench.cli, moebench.thread_env; "
+    code = ("import os, sys, moebench.cli, moebench.run.threads; "
             "first = 'torch' in sys.modules or 'numba' in sys.modules; "
-            "import moebench.session, moebench.runner, moebench.environment, moebench.routers; "
+            "import moebench.run.session, moebench.run.runner, moebench.run.machine, moebench.routers; "
             "print(first, os.environ.get('GOMP_SPINCOUNT'), os.environ.get('NUMBA_THREADING_LAYER_PRIORITY'))")
     assert _python(code) == "False None None"
 
@@ -116,7 +116,7 @@ SUITE = textwrap.dedent("""\
 
 def test_a_run_records_the_layer_numba_ran_on(tmp_path):
     """Isolated (the worker reports it) and in-process: numba's kernels run on its OpenMP layer."""
-    from moebench import kernels
+    from moebench.core import kernels
 
     if not kernels.available():
         import pytest

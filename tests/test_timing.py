@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from moebench.case import TimingSpec
-from moebench.timing import (
+from moebench.core.case import TimingSpec
+from moebench.run.timing import (
     CpuClock,
     CudaClock,
     clock_for,

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 pytest.importorskip("safetensors")
 
 from moebench.cli import main  # noqa: E402
-from moebench.traces.format import (  # noqa: E402
+from moebench.kinds.traces.format import (  # noqa: E402
     HEADER, TENSORS, LayerTrace, TraceError, index_only_logits, new_header, open_trace, read_trace, write_trace,
 )
 
@@ -143,7 +143,7 @@ def test_truncated_and_inconsistent_tensor_files(tmp_path):
 
 
 def test_bad_values_are_caught_when_a_layer_is_read(tmp_path):
-    from moebench.traces.format import _safetensors
+    from moebench.kinds.traces.format import _safetensors
 
     out = write(tmp_path)
     _, st_ = _safetensors()
@@ -172,7 +172,7 @@ def test_cli_reports_a_bad_trace_in_one_line(tmp_path, capsys):
 
 
 def test_write_refuses_inconsistent_layers(tmp_path):
-    from moebench.errors import MoebenchError
+    from moebench.core.errors import MoebenchError
 
     a, b = make_layers(5, 4, 2, 2)
     with pytest.raises(MoebenchError, match="layer 1 lacks logits"):

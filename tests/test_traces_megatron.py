@@ -8,8 +8,8 @@ import torch
 
 pytest.importorskip("safetensors")
 
-from moebench.traces.format import TraceError, open_trace, read_trace, write_trace  # noqa: E402
-from moebench.traces.megatron import read_megatron  # noqa: E402
+from moebench.kinds.traces.format import TraceError, open_trace, read_trace, write_trace  # noqa: E402
+from moebench.kinds.traces.megatron import read_megatron  # noqa: E402
 
 E, K, LAYERS, STEPS, RANKS, TOKENS = 12, 3, (1, 3), 3, 2, 5
 
@@ -141,7 +141,7 @@ def test_router_state_gives_score_function_and_bias(tmp_path):
 def test_megatron_folder_is_a_trace_workload(tmp_path):
     from moebench.routers.base import RouteContext
     from moebench.routers.registry import ROUTERS
-    from moebench.workloads import WORKLOADS, BatchShape
+    from moebench.core.workloads import WORKLOADS, BatchShape
 
     expected = write_megatron(tmp_path / "mt", logits=False)
     w = WORKLOADS.create("trace", {"path": str(tmp_path / "mt"), "layer": 3})
@@ -151,7 +151,7 @@ def test_megatron_folder_is_a_trace_workload(tmp_path):
     chosen = torch.empty(10, K, dtype=torch.int64)
     chosen[r.token_index, r.choice] = r.expert_index
     assert torch.equal(chosen, inputs.experts)
-    from moebench.errors import WorkloadMismatchError
+    from moebench.core.errors import WorkloadMismatchError
 
     with pytest.raises(WorkloadMismatchError, match="hash routing needs token ids"):
         ROUTERS.create("hash").route(inputs, RouteContext(K, None))

@@ -13,12 +13,12 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from moebench.cli import main  # noqa: E402
-from moebench.traces.families import (  # noqa: E402
+from moebench.kinds.traces.families import (  # noqa: E402
     FAMILIES, equivalent_choices, replay_layer, router_modules, same_choices, selection_scores,
 )
-from moebench.traces.format import read_trace, write_trace  # noqa: E402
-from moebench.traces.recorder import record_model  # noqa: E402
-from moebench.traces.tiny import TINY, tiny_model  # noqa: E402
+from moebench.kinds.traces.format import read_trace, write_trace  # noqa: E402
+from moebench.kinds.traces.recorder import record_model  # noqa: E402
+from moebench.kinds.traces.tiny import TINY, tiny_model  # noqa: E402
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: E402
 
 FAMILIES_HERE = [f for f in TINY if f in CONFIG_MAPPING]
@@ -137,8 +137,8 @@ def test_record_command_with_the_models_own_tokenizer(tmp_path, capsys):
 
 
 def test_import_moebench_does_not_import_transformers():
-    code = ("import sys, moebench, moebench.cli, moebench.runner, moebench.report; "
-            "from moebench.workloads import WORKLOADS; from moebench.routers.registry import ROUTERS; "
+    code = ("import sys, moebench, moebench.cli, moebench.run.runner, moebench.report.build; "
+            "from moebench.core.workloads import WORKLOADS; from moebench.routers.registry import ROUTERS; "
             "WORKLOADS.classes(); ROUTERS.classes(); moebench.cli.build_parser(); "
             "print('transformers' in sys.modules, 'safetensors' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -148,7 +148,7 @@ def test_import_moebench_does_not_import_transformers():
 def test_a_model_without_routers_is_refused_in_one_line():
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from moebench.errors import MoebenchError
+    from moebench.core.errors import MoebenchError
 
     dense = AutoModelForCausalLM.from_config(AutoConfig.for_model(
         "llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))

@@ -11,17 +11,17 @@ from hypothesis import strategies as st
 
 pytest.importorskip("safetensors")
 
-from moebench.errors import MoebenchError, WorkloadMismatchError  # noqa: E402
+from moebench.core.errors import MoebenchError, WorkloadMismatchError  # noqa: E402
 from moebench.routers.base import RouteContext, RouteInputs  # noqa: E402
 from moebench.routers.hashing import hash_experts  # noqa: E402
 from moebench.routers.registry import ROUTERS  # noqa: E402
-from moebench.traces.families import equivalent_choices, selection_scores  # noqa: E402
-from moebench.traces.format import LayerTrace, new_header, read_trace, write_trace  # noqa: E402
-from moebench.traces.stats import (  # noqa: E402
+from moebench.kinds.traces.families import equivalent_choices, selection_scores  # noqa: E402
+from moebench.kinds.traces.format import LayerTrace, new_header, read_trace, write_trace  # noqa: E402
+from moebench.kinds.traces.stats import (  # noqa: E402
     cross_layer, fit_shape, id_consistency, layer_stats, shares_overlap, zipf_exponent,
 )
-from moebench.traces.workload import TraceInputs, chain_logits  # noqa: E402
-from moebench.workloads import WORKLOADS, BatchShape  # noqa: E402
+from moebench.kinds.traces.workload import TraceInputs, chain_logits  # noqa: E402
+from moebench.core.workloads import WORKLOADS, BatchShape  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMITTED = ROOT / "tests" / "data" / "traces" / "tiny_qwen3_moe"
@@ -193,9 +193,9 @@ def test_trace_fit_reproduces_popularity_and_locality(tmp_path):
 
 
 def test_replay_suite_runs_and_its_report_shows_the_trace(tmp_path, monkeypatch):
-    from moebench.report import write_report
-    from moebench.session import RunOptions, execute
-    from moebench.suite import load_suite
+    from moebench.report.build import write_report
+    from moebench.run.session import RunOptions, execute
+    from moebench.suite.load import load_suite
 
     monkeypatch.chdir(ROOT)  # the suite names the trace relative to the repository root
     suite_file = tmp_path / "mini.yaml"
@@ -260,7 +260,7 @@ def test_chain_logits_limits(seed, tokens):
     pop = torch.tensor([0.5, 0.3, 0.2])
     never = chain_logits(pop, 0.0, tokens, torch.Generator().manual_seed(seed))
     g = torch.Generator().manual_seed(seed)
-    from moebench.workloads import gumbel
+    from moebench.core.workloads import gumbel
 
     assert torch.equal(never, torch.log(pop)[None, :] + gumbel((tokens, 3), g, "cpu"))  # copy 0: untouched
     always = chain_logits(pop, 1.0, tokens, torch.Generator().manual_seed(seed))

@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from moebench import kernels
-from moebench.case import Case, NamedSpec
+from moebench.core import kernels
+from moebench.core.case import Case, NamedSpec
 from moebench.routers.base import RouteContext
 from moebench.routers.registry import ROUTERS
 from moebench.routers.soft_moe import make_phi
-from moebench.train.layer import MoELayer, aux_loss, learns, trainable, z_loss
-from moebench.train.loop import CannotLearn, Trainer, bias_update, train_router
-from moebench.train.spec import TrainSpec
+from moebench.kinds.train.layer import MoELayer, aux_loss, learns, trainable, z_loss
+from moebench.kinds.train.loop import CannotLearn, Trainer, bias_update, train_router
+from moebench.kinds.train.spec import TrainSpec
 
 T, D, E = 12, 3, 4
 
@@ -138,7 +138,7 @@ def test_bias_update_is_its_formula():
     assert mag.tolist() == pytest.approx([-0.01, 0.01 / 3, 0.01, -0.01 / 3])
     router = ROUTERS.create("deepseek", {"bias_update_rate": 0.01})
     state = router.init_state(4, torch.device("cpu"))
-    from moebench.routing import Routing
+    from moebench.core.routing import Routing
     routing = Routing(torch.arange(12), torch.tensor([0] * 6 + [1] * 2 + [3] * 4), torch.zeros(12, dtype=torch.long),
                       torch.ones(12), torch.ones(12, dtype=torch.bool), torch.full((12, 4), 0.25), torch.zeros(12, 4), 1, None)
     router.update_state(state, routing)
@@ -200,7 +200,7 @@ def test_skipped_and_error_rows_say_why():
 
 
 def test_competitive_loss_is_jacobs_1991():
-    from moebench.train.layer import competitive_loss
+    from moebench.kinds.train.layer import competitive_loss
 
     layer = _layer()
     h = torch.randn(5, D, generator=torch.Generator().manual_seed(4))

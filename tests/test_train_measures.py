@@ -8,10 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moebench.metrics import METRICS
-from moebench.routing import Routing
-from moebench.train import measures
-from moebench.train.aggregate import FINAL, final_row, mean_ci
+from moebench.core.metrics import METRICS
+from moebench.core.routing import Routing
+from moebench.kinds.train import measures
+from moebench.kinds.train.aggregate import FINAL, final_row, mean_ci
 
 
 def _routing(token, expert, weight, kept, t, e, capacity=2):
@@ -151,10 +151,10 @@ timing: {threads: 1}
 
 
 def test_training_suite_runs_reports_and_compares(tmp_path):
-    from moebench.compare import compare_runs
-    from moebench.report import write_report
-    from moebench.session import RunOptions, execute
-    from moebench.suite import load_suite
+    from moebench.compare.verdicts import compare_runs
+    from moebench.report.build import write_report
+    from moebench.run.session import RunOptions, execute
+    from moebench.suite.load import load_suite
 
     path = tmp_path / "train_tiny.yaml"
     path.write_text(SUITE)
@@ -187,7 +187,7 @@ def test_training_suite_runs_reports_and_compares(tmp_path):
 def test_report_groups_the_variants_of_a_case_in_one_figure():
     import pandas as pd
 
-    from moebench.train.report import with_groups
+    from moebench.kinds.train.section import with_groups
 
     rows = pd.DataFrame({"case_id": ["teacher+a-T8-E2-k1-aaaa1111", "teacher+b-T8-E2-k1-bbbb2222"],
                          "case": ["teacher+a T=8", "teacher+b T=8"], "train.variant": ["a", "b"]})
@@ -205,7 +205,7 @@ def test_curves_mark_the_sampling_floor_only_where_the_case_has_one():
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from moebench.train.report import _draw_floor
+    from moebench.kinds.train.section import _draw_floor
 
     rows = pd.DataFrame({"case_id": ["a", "a", "b", "c"], "maxvio_global_floor": [0.128, 0.128, None, 0.2]})
     fig, ax = plt.subplots()

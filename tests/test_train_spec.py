@@ -2,8 +2,8 @@
 
 import pytest
 
-from moebench.errors import SuiteError
-from moebench.suite import validate_document
+from moebench.core.errors import SuiteError
+from moebench.suite.load import validate_document
 
 
 def doc(train=None, **top):
@@ -135,8 +135,8 @@ def test_a_training_capacity_equal_to_the_case_keeps_the_case_id():
 
 
 def test_a_variant_run_records_its_planned_rows_and_the_report_counts_them(tmp_path):
-    from moebench.report import write_report
-    from moebench.session import RunOptions, execute
+    from moebench.report.build import write_report
+    from moebench.run.session import RunOptions, execute
 
     suite = validate_document(doc({
         "steps": 2, "tokens_per_step": 16, "task": "teacher", "eval_tokens": 16, "probe_tokens": 8,

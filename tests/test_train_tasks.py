@@ -1,11 +1,11 @@
-"""Literal tests of the task generators (moebench/train/tasks.py)."""
+"""Literal tests of the task generators (moebench/kinds/train/tasks.py)."""
 
 import math
 
 import pytest
 import torch
 
-from moebench.train.tasks import TASKS, Language, LocalExperts, Teacher, _LanguageInstance, _LocalExpertsInstance, _TeacherInstance
+from moebench.kinds.train.tasks import TASKS, Language, LocalExperts, Teacher, _LanguageInstance, _LocalExpertsInstance, _TeacherInstance
 
 
 def test_local_experts_targets_are_each_regions_own_linear_map():
@@ -99,7 +99,7 @@ def test_balanced_teacher_splits_fresh_inputs_evenly_and_keeps_its_maps():
 
 
 def test_calibration_that_cannot_converge_is_an_error():
-    from moebench.train.tasks import calibrate_bias
+    from moebench.kinds.train.tasks import calibrate_bias
 
     gate = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
     with pytest.raises(RuntimeError, match="calibration reached MaxVio"):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from moebench.errors import MoebenchError, WorkloadMismatchError
+from moebench.core.errors import MoebenchError, WorkloadMismatchError
 from moebench.routers import RouteContext, create_router
-from moebench.workloads import BatchShape, create_workload, workload_classes, zipf_weights
+from moebench.core.workloads import BatchShape, create_workload, workload_classes, zipf_weights
 
 SHAPE = BatchShape(tokens=256, experts=8, hidden=16)
 

@@ -2,7 +2,7 @@
 
 Routers named ``peer:<system>.<function>`` call the routing function of a reference system
 (Megatron-Core, DeepSpeed, Hugging Face transformers) on the case's logits and turn its
-output into a :class:`~moebench.routing.Routing`, so a suite can put them next to moebench's
+output into a :class:`~moebench.core.routing.Routing`, so a suite can put them next to moebench's
 own routers on identical logits (docs/peers.md).
 
 Importing this package is cheap: it registers thin adapter classes and imports none of the

@@ -25,9 +25,9 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from moebench.errors import WorkloadMismatchError
+from moebench.core.errors import WorkloadMismatchError
 from moebench.routers.base import RouteContext, RouteInputs, Router
-from moebench.routing import Routing
+from moebench.core.routing import Routing
 
 INSTALL_HINT = "pip install 'moebench[peers]'"
 

@@ -18,7 +18,7 @@ logits with the same capacity and drop policy; the Markdown tables say how far t
 
 Then the capacity each system's formula gives for a few shapes, and (unless --no-timing) the
 median time of moebench's ``route`` against the peer's own routing call (conversion to a
-Routing excluded), measured in this one process with moebench.timing.measure.
+Routing excluded), measured in this one process with moebench.run.timing.measure.
 """
 
 from __future__ import annotations
@@ -33,16 +33,16 @@ from typing import Any
 
 import torch
 
-from moebench.capacity import CapacitySpec, expert_capacity
-from moebench.case import TimingSpec
-from moebench.drop_policies import _rank, keep_within_capacity
-from moebench.errors import MoebenchError
+from moebench.core.capacity import CapacitySpec, expert_capacity
+from moebench.core.case import TimingSpec
+from moebench.core.drop_policies import _rank, keep_within_capacity
+from moebench.core.errors import MoebenchError
 from moebench.peers.base import PeerSkip, library_problem
 from moebench.routers.base import RouteContext, RouteInputs
 from moebench.routers.registry import ROUTERS
-from moebench.routing import Routing
-from moebench.timing import CpuClock, measure, pinned_threads
-from moebench.workloads import WORKLOADS, BatchShape, generator
+from moebench.core.routing import Routing
+from moebench.run.timing import CpuClock, measure, pinned_threads
+from moebench.core.workloads import WORKLOADS, BatchShape, generator
 
 ROUTER_STREAM = 1_000_000  # the runner's router stream: the same seeds a suite run uses
 
@@ -346,7 +346,7 @@ def report(tokens: int, experts: int, capacity_factor: float, workloads: list[st
     if conformance:
         _conformance_tables(w, tokens, experts, capacity_factor, workloads, seed)
     if timing:
-        w("## Route time, one process (moebench.timing.measure in 3 alternating blocks, "
+        w("## Route time, one process (moebench.run.timing.measure in 3 alternating blocks, "
           f"{DEFAULT_TIMING.threads} threads, uniform workload)\n\n")
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
         rows = time_rows(PAIRS, tokens, experts, capacity_factor, seed=seed)

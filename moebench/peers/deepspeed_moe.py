@@ -37,7 +37,7 @@ import torch
 from moebench.peers.base import PeerRouter, PeerSkip, factor_for_capacity, rank_major, seed_from, seeded_global_rng
 from moebench.routers.base import RouteContext, RouteInputs
 from moebench.routers.registry import register
-from moebench.routing import Routing
+from moebench.core.routing import Routing
 
 DEFAULT_MAX_DENSE = 2**27
 

@@ -24,7 +24,7 @@ import torch
 from moebench.peers.base import PeerRouter, PeerSkip, rank_major
 from moebench.routers.base import RouteContext, RouteInputs
 from moebench.routers.registry import register
-from moebench.routing import Routing
+from moebench.core.routing import Routing
 
 
 @dataclass(frozen=True)

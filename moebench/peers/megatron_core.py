@@ -29,7 +29,7 @@ import torch
 from moebench.peers.base import PeerRouter, PeerSkip, factor_for_capacity, order_choices, rank_major
 from moebench.routers.base import RouteContext, RouteInputs
 from moebench.routers.registry import register
-from moebench.routing import Routing
+from moebench.core.routing import Routing
 
 MEGATRON_POLICIES = ("probs", "position")
 

@@ -13,9 +13,9 @@ from typing import ClassVar, Literal
 
 import torch
 
-from moebench import kernels
-from moebench.drop_policies import fast_keep, get_drop_policy, keep_within_capacity, ranked_by
-from moebench.routing import Routing
+from moebench.core import kernels
+from moebench.core.drop_policies import fast_keep, get_drop_policy, keep_within_capacity, ranked_by
+from moebench.core.routing import Routing
 
 
 # `Router.capturable_phases` of a router whose every timed phase can be captured.
@@ -73,7 +73,7 @@ class Router:
     paper: the reference.  needs: inputs beyond logits ("hidden", "token_ids").
     fixed_top_k: the only top_k the algorithm defines (switch: 1, gshard: 2), else None.
     capturable_phases: the phases timing mode cuda_graph can capture for this router, in the
-        static-shape forms of `moebench.capture` (route: the form registered there for the
+        static-shape forms of `moebench.run.capture` (route: the form registered there for the
         class, else the router's own `route`, which must then be sync-free); the others are
         skipped there with `capture_reason`. dispatch and combine only move the rows of a given
         Routing, so every router has them.
@@ -84,7 +84,7 @@ class Router:
     needs: ClassVar[tuple[str, ...]] = ()
     fixed_top_k: ClassVar[int | None] = None
     capturable_phases: ClassVar[frozenset[str]] = frozenset({"dispatch", "combine"})
-    capture_reason: ClassVar[str] = "its route has no static-shape, sync-free form in moebench.capture"
+    capture_reason: ClassVar[str] = "its route has no static-shape, sync-free form in moebench.run.capture"
 
     def applicable(self, top_k: int, num_experts: int) -> str | None:
         """None if the router can run at this shape, else the reason it is skipped."""
@@ -112,7 +112,7 @@ class TokenChoiceRouter(Router):
     renormalize_after_drop: rescale a token's kept weights to sum to what all its weights
         summed to before dropping (fairseq); off by default (ROUTERS.md §2).
     impl: which code computes top-k selection (`choose`) and capacity (`position`, `probs`):
-        torch, the numba CPU kernels of `moebench.kernels` (same results bit for bit, faster),
+        torch, the numba CPU kernels of `moebench.core.kernels` (same results bit for bit, faster),
         or auto (numba for float32 CPU tensors when numba imports, else torch).
     """
 

@@ -32,7 +32,7 @@ import torch
 
 from moebench.routers.base import RouteContext, RouteInputs, Router
 from moebench.routers.registry import register
-from moebench.routing import Routing
+from moebench.core.routing import Routing
 
 _WARM_STEPS = 50
 _WARM_DAMPING = 0.7

@@ -9,7 +9,7 @@ import torch
 
 from moebench.routers.base import CAPTURE_ALL, RouteContext, RouteInputs, Router
 from moebench.routers.registry import register
-from moebench.routing import Routing
+from moebench.core.routing import Routing
 
 
 @register("expert_choice")

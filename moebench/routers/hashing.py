@@ -28,10 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
-from moebench.errors import WorkloadMismatchError
+from moebench.core.errors import WorkloadMismatchError
 from moebench.routers.base import RouteContext, RouteInputs, TokenChoiceRouter, uniform_probs
 from moebench.routers.registry import register
-from moebench.routing import Routing
+from moebench.core.routing import Routing
 
 
 def _signed(c: int) -> int:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
-from moebench.errors import MoebenchError
-from moebench.registry import Registry, options_of
+from moebench.core.errors import MoebenchError
+from moebench.core.registry import Registry, options_of
 
 ENTRY_POINT_GROUP = "moebench.routers"
 
@@ -22,7 +22,7 @@ ENTRY_POINT_GROUP = "moebench.routers"
 def _load() -> None:
     import moebench.routers.catalog  # noqa: F401  (registers the built-in routers)
     import moebench.peers  # noqa: F401  (peer adapters: peer:*; their libraries load on first route)
-    import moebench.traces.router  # noqa: F401  (recorded: a trace's own choices)
+    import moebench.kinds.traces.router  # noqa: F401  (recorded: a trace's own choices)
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:

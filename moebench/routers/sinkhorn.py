@@ -13,7 +13,7 @@ import torch
 
 from moebench.routers.base import RouteContext, RouteInputs, TokenChoiceRouter, top_k_experts
 from moebench.routers.registry import register
-from moebench.routing import Routing
+from moebench.core.routing import Routing
 
 _TINY = torch.finfo(torch.float64).tiny
 # Largest spread max(x) - min(x) within a token for which the kernel is stored in float32:

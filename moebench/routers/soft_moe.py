@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from moebench.errors import WorkloadMismatchError
+from moebench.core.errors import WorkloadMismatchError
 from moebench.routers.base import CAPTURE_ALL, RouteContext, RouteInputs, Router
 from moebench.routers.registry import register
-from moebench.routing import Routing, SoftSlots
+from moebench.core.routing import Routing, SoftSlots
 
 
 def make_phi(dim: int, slots: int, seed: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from moebench.routers.base import (CAPTURE_ALL, RouteContext, RouteInputs, TokenChoiceRouter, normalize_weights,
                                    top_k_experts)
 from moebench.routers.registry import register
-from moebench.routing import Routing
+from moebench.core.routing import Routing
 
 
 def _score(logits: torch.Tensor, kind: str) -> torch.Tensor:

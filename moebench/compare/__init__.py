@@ -1,0 +1,1 @@
+"""Comparing runs: verdicts per metric, the sides of a comparison, exports."""

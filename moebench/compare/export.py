@@ -1,0 +1,188 @@
+"""Export a run: a committed baseline, or the JSON that pytest-benchmark writes.
+
+- ``baseline``: ``{"format": "moebench-baseline", "meta": meta, "rows": ok rows}``, rows sorted
+  by (case_id, router), keys sorted, two-space indent, so re-exporting gives the same bytes and
+  diffs stay readable. `moebench compare` reads it like a run folder.
+- ``pytest-benchmark``: the ``--benchmark-json`` / ``--benchmark-save`` format of pytest-benchmark
+  (machine_info, commit_info, benchmarks, datetime, version), one benchmark per ok row x timed
+  phase, times in seconds, so ``pytest-benchmark compare`` and tools built on it read our runs.
+  Fields we do not measure are filled as documented in :func:`pytest_benchmark_stats`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from moebench.core.errors import MoebenchError
+from moebench.core.metrics import METRICS, PHASES
+from moebench.core.paths import write_output
+from moebench.store.runs import load_run
+
+FORMATS = ("baseline", "pytest-benchmark")
+BASELINE_FORMAT = "moebench-baseline"
+# Written into `version` when pytest-benchmark is not installed (the schema of the 4.x/5.x line).
+PYTEST_BENCHMARK_FALLBACK_VERSION = "5.1.0"
+
+
+def _ok_rows(rows: list[dict]) -> list[dict]:
+    latest = {(r.get("case_id"), r.get("router")): r for r in rows}  # resumed runs: last wins
+    ok = [r for r in latest.values() if r.get("status") == "ok"]
+    return sorted(ok, key=lambda r: (str(r.get("case_id")), str(r.get("router"))))
+
+
+def baseline(meta: dict, rows: list[dict]) -> dict:
+    """The baseline document of a run: its meta and its ok rows, sorted."""
+    return {"format": BASELINE_FORMAT, "meta": meta, "rows": _ok_rows(rows)}
+
+
+def _f(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def pytest_benchmark_stats(row: dict, phase: str) -> dict | None:
+    """pytest-benchmark's ``stats`` of one phase, in seconds (None when the phase was not timed).
+
+    We keep summaries, not samples, so: q1/q3 fall back to median -/+ iqr/2 for rows made before
+    they were recorded; stddev to iqr/1.349 (its value for a normal distribution);
+    ld15iqr/hd15iqr are the Tukey fences clipped to [min, max]; the outlier counts are 0 (we do
+    not know them); total = mean x rounds; ops = 1/mean; iterations = 1 (one call per round).
+    """
+    g = {k: _f(row.get(f"{phase}.{k}")) for k in
+         ("median_ms", "mean_ms", "min_ms", "max_ms", "iqr_ms", "q1_ms", "q3_ms", "stdev_ms")}
+    rounds = _f(row.get(f"{phase}.rounds"))
+    if g["median_ms"] is None or not rounds or rounds < 1 or rounds > 1e12:
+        return None
+    median = g["median_ms"] / 1e3
+    mean = (g["mean_ms"] if g["mean_ms"] is not None else g["median_ms"]) / 1e3
+    lo = (g["min_ms"] if g["min_ms"] is not None else g["median_ms"]) / 1e3
+    hi = (g["max_ms"] if g["max_ms"] is not None else g["median_ms"]) / 1e3
+    iqr = (g["iqr_ms"] or 0.0) / 1e3
+    q1 = g["q1_ms"] / 1e3 if g["q1_ms"] is not None else median - iqr / 2
+    q3 = g["q3_ms"] / 1e3 if g["q3_ms"] is not None else median + iqr / 2
+    stddev = g["stdev_ms"] / 1e3 if g["stdev_ms"] is not None else iqr / 1.349
+    return {
+        "min": lo, "max": hi, "mean": mean, "stddev": stddev, "rounds": int(rounds),
+        "median": median, "iqr": q3 - q1, "q1": q1, "q3": q3,
+        "iqr_outliers": 0, "stddev_outliers": 0, "outliers": "0;0",
+        "ld15iqr": max(lo, q1 - 1.5 * (q3 - q1)), "hd15iqr": min(hi, q3 + 1.5 * (q3 - q1)),
+        "ops": 1.0 / mean if mean > 0 else 0.0, "total": mean * int(rounds), "iterations": 1,
+    }
+
+
+def _obj(value) -> dict:
+    """``value`` if it is a JSON object, else {} (a meta.json edited by hand or by a tool)."""
+    return value if isinstance(value, dict) else {}
+
+
+def _machine_info(meta: dict) -> dict:
+    env = _obj(meta.get("environment"))
+    cuda = _obj(env.get("cuda"))
+    return {
+        "node": env.get("hostname"),
+        "processor": env.get("cpu_model"),
+        "machine": None,
+        "python_compiler": None,
+        "python_implementation": env.get("python_implementation"),
+        "python_implementation_version": env.get("python"),
+        "python_version": env.get("python"),
+        "python_build": None,
+        "release": None,
+        "system": str(env.get("platform") or "").split("-")[0] or None,
+        "cpu": {"brand_raw": env.get("cpu_model"), "count": env.get("logical_cores")},
+        "moebench": {  # extra: what pytest-benchmark does not capture but our timings depend on
+            "platform": env.get("platform"), "torch": env.get("torch"),
+            "torch_num_threads": env.get("torch_num_threads"), "cpu_affinity": env.get("cpu_affinity"),
+            "cuda_version": cuda.get("version"),
+            "cuda_devices": [_obj(d).get("name") for d in cuda.get("devices") or [] if isinstance(cuda.get("devices"), list)],
+            "reference": meta.get("reference"),
+        },
+    }
+
+
+def _commit_info(meta: dict) -> dict:
+    git = _obj(_obj(meta.get("environment")).get("git"))
+    return {"id": git.get("commit") or "unknown", "time": None, "author_time": None,
+            "dirty": bool(git.get("dirty")), "project": "moebench", "branch": "(unknown)"}
+
+
+def _extra_info(row: dict, phase: str) -> dict:
+    metrics = {m: row.get(m) for m, spec in METRICS.items() if spec.deterministic and m in row}
+    axes = {k: row.get(k) for k in ("case_id", "router", "router_name", "router_params", "workload",
+                                    "workload_params", "tokens", "experts", "top_k", "capacity_factor",
+                                    "capacity", "drop_policy", "hidden", "dtype", "device", "seed",
+                                    "batches", "threads")}
+    timing = {k: row.get(f"{phase}.{k}") for k in ("ci_low_ms", "ci_high_ms", "tokens_per_s", "peak_mem_bytes")}
+    return {"phase": phase, **axes, **timing, **metrics}
+
+
+def _pytest_benchmark_version() -> str:
+    try:
+        return version("pytest-benchmark")
+    except PackageNotFoundError:
+        return PYTEST_BENCHMARK_FALLBACK_VERSION
+
+
+def pytest_benchmark(meta: dict, rows: list[dict]) -> dict:
+    """The run as a pytest-benchmark JSON document.
+
+    name ``<phase>[<case_id>-<router>]``; fullname ``moebench/<suite>::<name>``; group
+    ``<phase> <case_id>`` (so a table compares the routers of one case and phase); params
+    ``{"case_id", "router"}``; extra_info: the case axes, the phase's CI and tokens/s and every
+    routing metric; options: the run's timing settings in pytest-benchmark's terms.
+    """
+    timing = _obj(meta.get("timing"))
+    devices = meta.get("devices") if isinstance(meta.get("devices"), list) else []
+    options = {
+        "disable_gc": False,
+        "timer": "torch.cuda.Event" if any(str(d).startswith("cuda") for d in devices) else "perf_counter",
+        "min_rounds": timing.get("min_rounds"),
+        "max_time": None,
+        "min_time": timing.get("min_time_s"),
+        "warmup": bool(timing.get("warmup_rounds")),
+    }
+    suite = meta.get("suite", "moebench")
+    benchmarks = []
+    for row in _ok_rows(rows):
+        for phase in PHASES:
+            stats = pytest_benchmark_stats(row, phase)
+            if stats is None:
+                continue
+            param = f"{row['case_id']}-{row['router']}"
+            name = f"{phase}[{param}]"
+            benchmarks.append({
+                "group": f"{phase} {row['case_id']}", "name": name, "fullname": f"moebench/{suite}::{name}",
+                "params": {"case_id": row["case_id"], "router": row["router"]}, "param": param,
+                "extra_info": _extra_info(row, phase), "options": dict(options), "stats": stats,
+            })
+    return {
+        "machine_info": _machine_info(meta), "commit_info": _commit_info(meta), "benchmarks": benchmarks,
+        "datetime": meta.get("started_at"), "version": _pytest_benchmark_version(),
+    }
+
+
+def _finite(value):
+    """JSON has no NaN/inf: null them anywhere in a document."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None) -> tuple[str, int]:
+    """Export ``run_dir`` as ``fmt`` (baseline | pytest-benchmark); write it to ``out`` if given.
+    Returns (the JSON text, how many rows or benchmarks it holds)."""
+    if fmt not in FORMATS:
+        raise MoebenchError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    run = load_run(run_dir)
+    meta, rows = run.meta(), run.rows()
+    doc = baseline(meta, rows) if fmt == "baseline" else pytest_benchmark(meta, rows)
+    text = json.dumps(_finite(doc), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
+    if out is not None:
+        write_output(out, text, "--out", make_parents=True)  # whole or not at all; OSError -> one line
+    return text, len(doc["rows"] if fmt == "baseline" else doc["benchmarks"])

@@ -1,0 +1,1 @@
+"""Types and pure algorithms every stage shares (imports no other moebench folder)."""

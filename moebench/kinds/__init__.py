@@ -1,0 +1,1 @@
+"""Kinds of case beyond plain routing: training, expert parallelism, traces."""

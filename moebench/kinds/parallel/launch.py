@@ -1,0 +1,196 @@
+"""Starting the ranks: torch.distributed's elastic launcher (what torchrun runs), or torchrun itself.
+
+- Plain ``moebench run``: `launch` starts N local worker processes through
+  ``torch.distributed.launcher.api.elastic_launch`` (standalone c10d rendezvous on localhost,
+  no restarts) and returns rank 0's result. A rank that dies makes the launcher stop the
+  others and raise; `launch` turns that into one `LaunchFailure` line naming the rank.
+- ``torchrun --nproc-per-node N -m moebench run suite.yaml``: every process runs the CLI.
+  Rank 0 runs the session as usual, and for each parallel case broadcasts the job
+  (`lead`); the other ranks only `follow`: receive a job, run their share, until rank 0
+  broadcasts the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import uuid
+from contextlib import contextmanager
+
+import torch.distributed as dist
+
+from moebench.core.errors import MoebenchError
+from moebench.kinds.parallel.engine import EngineJob, RankFailure, backend_for, ensure_group, run_job
+
+
+class LaunchFailure(MoebenchError):
+    """A launched rank failed (exited, was killed, or reported a failed collective)."""
+
+
+def under_torchrun() -> bool:
+    """This process is one of several torchrun started (its rank and world in the environment)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1 \
+        and "MOEBENCH_LAUNCHED" not in os.environ
+
+
+def torchrun_rank() -> int | None:
+    return int(os.environ["RANK"]) if under_torchrun() else None
+
+
+@contextmanager
+def _quiet_launcher():
+    """The elastic agent logs every start and stop; keep only its errors."""
+    names = ("torch.distributed.elastic", "torch.distributed.launcher")
+    old = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for n, level in old.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def _entry(fn, arg):
+    """What each launched process runs: mark it as launched (so it never acts as a torchrun
+    follower), run, and leave the process group cleanly."""
+    os.environ["MOEBENCH_LAUNCHED"] = "1"
+    try:
+        return fn(arg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(fn, arg, nprocs: int, timeout_s: float) -> dict:
+    """Run ``fn(arg)`` in ``nprocs`` local processes joined by torch.distributed's environment;
+    {rank: return value}. Raises LaunchFailure when a rank fails."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    method = _start_method()
+    if method == "forkserver":  # one clean server imports torch once; each launch forks from it
+        multiprocessing.get_context("forkserver").set_forkserver_preload(["moebench.kinds.parallel._preload"])
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=f"moebench-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d", rdzv_endpoint="localhost:0", rdzv_configs={"timeout": int(max(timeout_s, 30))},
+        max_restarts=0, monitor_interval=0.1, start_method=method,
+    )
+    try:
+        with _quiet_launcher(), _own_signals():
+            return elastic_launch(config, _entry)(fn, arg)
+    except ChildFailedError as exc:
+        raise LaunchFailure(_failure_text(exc, timeout_s)) from None
+
+
+START_METHODS = ("forkserver", "spawn", "fork")
+
+
+def _start_method() -> str:
+    """MOEBENCH_START_METHOD (default forkserver), checked: "fork" copies this process, and a
+    process that has run a numba kernel on its OpenMP layer cannot be forked (the child aborts
+    in its first kernel)."""
+    from moebench.run.machine import numba_layer_in_use
+
+    method = os.environ.get("MOEBENCH_START_METHOD", "forkserver")
+    if method not in START_METHODS:
+        raise LaunchFailure(f"MOEBENCH_START_METHOD={method!r}: expected one of {', '.join(START_METHODS)}")
+    if method == "fork" and numba_layer_in_use() == "omp":
+        raise LaunchFailure("MOEBENCH_START_METHOD=fork: this process has run numba kernels on OpenMP, which a "
+                            "forked rank cannot; use forkserver (the default) or spawn")
+    return method
+
+
+@contextmanager
+def _own_signals():
+    """The launcher installs its own SIGINT/SIGTERM/SIGHUP/SIGQUIT handlers (which stop the
+    ranks and raise SignalException) and never restores ours: put them back afterwards, and
+    raise a stop by signal as the session knows it (KeyboardInterrupt, or its Terminated)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    names = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+    main = threading.current_thread() is threading.main_thread()
+    saved = {n: signal.getsignal(getattr(signal, n)) for n in names if hasattr(signal, n)} if main else {}
+    try:
+        yield
+    except SignalException as exc:
+        if exc.sigval == signal.SIGTERM:
+            from moebench.run.session import Terminated
+
+            raise Terminated(f"signal {int(exc.sigval)}") from None
+        raise KeyboardInterrupt(str(exc)) from None
+    finally:
+        for name, handler in saved.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+def _failure_text(exc, timeout_s: float) -> str:
+    parts = []
+    for rank, failure in sorted(exc.failures.items()):
+        detail = failure.message if isinstance(failure.message, str) else ""
+        if isinstance(failure.message, dict):
+            detail = str(failure.message.get("message", ""))
+        detail = " ".join(detail.split())[:300]
+        code = failure.exitcode
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        if "To enable traceback" in detail or "<N/A>" in detail:  # elastic's placeholder: no message
+            detail = ""
+        parts.append(f"rank {rank} {how}" + (f" ({detail})" if detail else ""))
+    return "; ".join(parts) or f"a rank failed (timeout {timeout_s:g} s)"
+
+
+def launch(job: EngineJob) -> list[dict]:
+    """Run the job on parallel.ep local ranks (spawned, or this torchrun world) and return rank
+    0's records."""
+    if under_torchrun():
+        return lead(job)
+    return spawn(run_job, job, job.spec.world_size, job.spec.timeout_s)[0]
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+def lead(job: EngineJob) -> list[dict]:
+    """Rank 0 under torchrun: hand the job to every rank, then run rank 0's share."""
+    ensure_group(backend_for(job.spec, job.case.device), job.spec.timeout_s)
+    try:
+        dist.broadcast_object_list([job], src=0)
+    except RuntimeError as exc:
+        raise RankFailure(f"rank 0: could not reach the other ranks ({str(exc).splitlines()[0][:200]})") from None
+    return run_job(job)
+
+
+def release_followers() -> None:
+    """Rank 0 under torchrun, at the end of the run: tell the followers to stop."""
+    if under_torchrun() and dist.is_initialized():
+        dist.broadcast_object_list([None], src=0)
+        dist.destroy_process_group()
+
+
+def follow_if_torchrun(suite) -> int | None:
+    """The CLI's hook: on a torchrun rank other than 0, follow rank 0 and return the exit code;
+    None on rank 0 or outside torchrun (the run goes on as usual)."""
+    rank = torchrun_rank()
+    if rank in (None, 0):
+        return None
+    if suite.parallel.mode == "model":  # the cost model runs on rank 0 alone
+        return 0
+    device = suite.cases[0].device if suite.cases else "cpu"
+    try:
+        return follow(backend_for(suite.parallel, device), suite.parallel.timeout_s)
+    except RuntimeError as exc:
+        raise RankFailure(f"rank {rank}: lost rank 0 ({str(exc).splitlines()[0][:200]})") from None
+
+
+def follow(backend: str = "gloo", timeout_s: float = 600.0) -> int:
+    """A torchrun rank other than 0: run each job rank 0 broadcasts until it broadcasts None."""
+    ensure_group(backend, timeout_s)
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            dist.destroy_process_group()
+            return 0
+        run_job(box[0])

@@ -1,0 +1,1 @@
+"""Reports of runs: tables, plots, Markdown and HTML, and each kind's section."""

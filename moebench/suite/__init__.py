@@ -1,0 +1,1 @@
+"""Suite files: YAML -> validated, expanded `Suite`; the JSON schema."""
