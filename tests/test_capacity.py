@@ -1,4 +1,4 @@
-"""Expert capacity (ROUTERS.md §1): C = ceil(cf*k*T/E), then min_capacity, then the multiple, never above T."""
+"""Expert capacity (docs/spec.md §1): C = ceil(cf*k*T/E), then min_capacity, then the multiple, never above T."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""Drop policies (ROUTERS.md §2): which assignments keep a slot when demand exceeds capacity."""
+"""Drop policies (docs/spec.md §2): which assignments keep a slot when demand exceeds capacity."""
 
 import math
 

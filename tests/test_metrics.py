@@ -1,4 +1,4 @@
-"""Routing metrics (ROUTERS.md §4) on hand-built routings with known loads."""
+"""Routing metrics (docs/spec.md §4) on hand-built routings with known loads."""
 
 import dataclasses
 import math

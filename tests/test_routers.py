@@ -1,4 +1,4 @@
-"""Literal cases for every built-in router (ROUTERS.md §3)."""
+"""Literal cases for every built-in router (docs/spec.md §3)."""
 
 import math
 

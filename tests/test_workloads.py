@@ -1,4 +1,4 @@
-"""Workloads (ROUTERS.md §5): seeded, shaped, finite, and distributed as documented."""
+"""Workloads (docs/spec.md §5): seeded, shaped, finite, and distributed as documented."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Expert capacity: every capacity rule of ROUTERS.md §1 in one place.
+"""Expert capacity: every capacity rule of docs/spec.md §1 in one place.
 
 Token choice: ``C = ceil(cf * k * T / E)``, then ``max(C, min_capacity)``, then rounded up to a
 multiple of ``capacity_multiple``, never above T. ``factor=None`` is dropless (no capacity).

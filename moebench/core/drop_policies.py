@@ -1,4 +1,4 @@
-"""Drop policies (ROUTERS.md §2): which assignments keep a slot when demand exceeds capacity.
+"""Drop policies (docs/spec.md §2): which assignments keep a slot when demand exceeds capacity.
 
 Every policy is a *priority*: a total order over assignments (lower value = served first).
 One function, `keep_within_capacity`, then keeps the first C assignments of each expert in
@@ -66,7 +66,7 @@ DROP_POLICIES: dict[str, PriorityFn] = {
 # What a policy's ``scores`` argument holds (built by `TokenChoiceRouter.finish`): "weight",
 # each assignment's combine weight (the default); "top_prob", the token's largest router
 # probability max_e p_{t,e} before any renormalisation over the k chosen, repeated over its
-# k choices (V-MoE BPR ranks by that, not by the possibly renormalised weight: ROUTERS.md §2).
+# k choices (V-MoE BPR ranks by that, not by the possibly renormalised weight: docs/spec.md §2).
 RANKED_BY: dict[str, str] = {"bpr": "top_prob"}
 
 

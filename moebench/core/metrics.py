@@ -1,4 +1,4 @@
-"""Routing metrics (ROUTERS.md §4) and the direction of every column a row can carry.
+"""Routing metrics (docs/spec.md §4) and the direction of every column a row can carry.
 
 `routing_metrics(routing)` is pure over a Routing: balance, drops, losses and router
 behaviour. Every metric declares whether higher or lower is better (or neither) so that

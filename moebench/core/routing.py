@@ -60,7 +60,7 @@ class Routing:
     top_k: choices per token the router was asked for (expert choice: mean experts per token).
     capacity: slots per expert, or None when dropless.
     soft: Soft MoE slot matrices, else None.
-    aux_counts: what f_e of the aux loss counts (ROUTERS.md §4): "all" assignments,
+    aux_counts: what f_e of the aux loss counts (docs/spec.md §4): "all" assignments,
         f_e = d_e/(k·T); or "first" choices only, f_e = #{1st choices of e}/T (GShard's
         Algorithm 1, DeepSpeed top2gating), before capacity either way.
     """

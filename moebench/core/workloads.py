@@ -1,4 +1,4 @@
-"""Workloads (ROUTERS.md §5): seeded token distributions that yield router inputs on a device.
+"""Workloads (docs/spec.md §5): seeded token distributions that yield router inputs on a device.
 
 Each workload is a frozen dataclass of its options, registered by name. ``batch`` returns the
 `RouteInputs` of one batch of a stream: logits <dtype>[T, E], hidden <dtype>[T, d] and, for

@@ -110,7 +110,7 @@ class TokenChoiceRouter(Router):
         the scores for selection only, updated after each batch as
         b_e <- b_e + bias_update_rate * sign(mean(c) - c_e).
     renormalize_after_drop: rescale a token's kept weights to sum to what all its weights
-        summed to before dropping (fairseq); off by default (ROUTERS.md §2).
+        summed to before dropping (fairseq); off by default (docs/spec.md §2).
     impl: which code computes top-k selection (`choose`) and capacity (`position`, `probs`):
         torch, the numba CPU kernels of `moebench.core.kernels` (same results bit for bit, faster),
         or auto (numba for float32 CPU tensors when numba imports, else torch).

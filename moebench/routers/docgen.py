@@ -9,7 +9,7 @@ from moebench.core.registry import options_of
 from moebench.routers.registry import ROUTERS
 from moebench.core.workloads import WORKLOADS
 
-# What each router does and what the metrics mean for it (ROUTERS.md §3, in brief).
+# What each router does and what the metrics mean for it (docs/spec.md §3, in brief).
 NOTES: dict[str, tuple[str, str]] = {
     "softmax_dense": (
         "Every token goes to every expert with weight softmax(x).",

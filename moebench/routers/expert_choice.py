@@ -22,7 +22,7 @@ class ExpertChoice(Router):
     O(T) selection over its column and an O(C log C) sort of the chosen, O(T*E + cf*k*T*log C).
 
     C is the case's capacity (ceil(cf * k * T / E): the same slots token choice gets, i.e.
-    ROUTERS.md's EC capacity with cf_EC = cf * k mean experts per token). Dropless cases use
+    docs/spec.md §1's EC capacity with cf_EC = cf * k mean experts per token). Dropless cases use
     cf = 1 per choice, C = ceil(k * T / E). Combine weight of (t, e) is p[t, e].
     Nothing is dropped by construction; tokens chosen by no expert are the 'dropped tokens'.
     """

@@ -67,7 +67,7 @@ class SoftMoE(Router):
         not divide T is skipped. None: the whole batch is one sequence (B = 1, n = T).
     slots_per_expert: S, per sequence. When None, S comes from the case: the case's capacity
         ceil(cf*k*T/E) per choice and sequence, S = max(1, capacity // (k*B)), i.e. about
-        round(cf*n/E) (ROUTERS.md §1's round(cf*T/E) for one sequence); for dropless cases
+        round(cf*n/E) (docs/spec.md §1's round(cf*T/E) for one sequence); for dropless cases
         (capacity None) S = ceil(n/E) (cf = 1).
     The Routing has one assignment per (token, expert) pair (A = T*E), token-major, weight =
     the token's combine weight summed over the expert's S slots of its sequence, all kept,

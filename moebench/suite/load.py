@@ -1,4 +1,4 @@
-"""Suite files: YAML -> merged document -> validated, expanded `Suite` (DESIGN.md, first box).
+"""Suite files: YAML -> merged document -> validated, expanded `Suite` (docs/architecture.md, data flow).
 
 ``load_suite(path)`` is ``validate_document(load_document(path))``; reading the YAML and its
 includes is `moebench.suite.files`. Every problem raises a
