@@ -8,8 +8,9 @@ import pytest
 
 from moebench.report.build import write_report
 from moebench.store.runs import RunDir
+from moebench.report.markdown import column_direction, engineering, format_value, markdown_table
 from moebench.report.tables import (
-    balance_table, column_direction, engineering, format_value, load_rows, markdown_table,
+    balance_table, load_rows,
 )
 
 COMMAND = "moebench run suites/fake.yaml --device cpu --seed 0"

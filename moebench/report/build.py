@@ -20,6 +20,7 @@ from moebench.report import phases_not_timed as phase_status
 from moebench.report import route_pivot as side_by_side
 
 from moebench.report import tables
+from moebench.report.markdown import legend, markdown_table
 from moebench.core.errors import MoebenchError
 from moebench.report.html import write_html
 from moebench.core.paths import folder_name_problem, inside
@@ -210,8 +211,8 @@ def table_section(name: str, title: str, note: str = "") -> Section:
         body = [f"## {title}", ""]
         if note:
             body += [note, ""]
-        body.append(tables.markdown_table(table, hide=_hidden(data), bold=name != "skipped"))
-        line = tables.legend([c for c in table.columns if c not in _hidden(data)])
+        body.append(markdown_table(table, hide=_hidden(data), bold=name != "skipped"))
+        line = legend([c for c in table.columns if c not in _hidden(data)])
         if line and not table.empty:
             body += ["", line]
         return "\n".join(body)

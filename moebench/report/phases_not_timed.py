@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from moebench.report import tables
+from moebench.report.markdown import escape
 from moebench.core.metrics import PHASES
 
 COLUMNS = ("case", "router", "phase", "status", "reason", "error_at")
@@ -79,7 +80,7 @@ def markdown(table: pd.DataFrame, rows: pd.DataFrame) -> str:
     for _, g in grouped(table, rows).iterrows():
         reason = (g["reason"] or "(no reason recorded)") + (f" (at `{g['error_at']}`)" if g["error_at"] else "")
         cells = [g["router"], g["phase"], g["status"], reason, f"{g['rows']} of {g['of']}", g["cases"]]
-        lines.append("| " + " | ".join(tables.escape(str(c)) for c in cells) + " |")
+        lines.append("| " + " | ".join(escape(str(c)) for c in cells) + " |")
     return "\n".join(lines)
 
 

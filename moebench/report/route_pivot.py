@@ -11,6 +11,7 @@ from __future__ import annotations
 import pandas as pd
 
 from moebench.report import tables
+from moebench.report.markdown import escape
 
 
 def side_by_side_table(rows: pd.DataFrame, phase: str = "route") -> pd.DataFrame:
@@ -36,13 +37,13 @@ def markdown(table: pd.DataFrame, hide: tuple[str, ...] = tables.KEY_TAIL) -> st
     A combined report (``run_id`` not hidden) names the run after the case."""
     routers = [c for c in table.columns if c not in ("case", *hide, *tables.KEY_TAIL)]
     shown = ["case", *routers]
-    lines = ["| " + " | ".join(tables.escape(c) for c in shown) + " |",
+    lines = ["| " + " | ".join(escape(c) for c in shown) + " |",
              "|---|" + "|".join("---:" for _ in routers) + "|"]
     for _, row in table.iterrows():
         values = pd.to_numeric(row[routers], errors="coerce")
         fastest = values.min()
         label = str(row["case"]) + ("" if "run_id" in hide else f" [{row['run_id']}]")
-        cells = [tables.escape(label)]
+        cells = [escape(label)]
         for router in routers:
             v = values[router]
             if pd.isna(v):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from moebench.kinds.parallel.costmodel import Profile, alltoall_times, link_bytes
+from moebench.report.markdown import pipe_table
 from moebench.kinds.parallel.profiles import (BF16_ROW_BYTES, DEEPEP_LOW_LATENCY, DEEPEP_NORMAL, FP8_ROW_BYTES,
                                         H800_DEEPEP)
 
@@ -107,10 +108,9 @@ def normal_rows(profile: Profile = H800_DEEPEP) -> list[dict]:
 
 def markdown_table(rows: list[dict]) -> str:
     """The side-by-side rows as a Markdown table with the predicted/published time ratio."""
-    lines = ["| kernel | EP | phase | published us | predicted us | ratio | published GB/s | predicted GB/s |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['kernel']} | {r['ep']} | {r['phase']} | {r['published_us']:.0f} | "
-                     f"{r['predicted_us']:.0f} | {r['predicted_us'] / r['published_us']:.2f} | "
-                     f"{r['published_GBps']:.0f} | {r['predicted_GBps']:.0f} |")
-    return "\n".join(lines)
+    header = ("kernel", "EP", "phase", "published us", "predicted us", "ratio", "published GB/s",
+              "predicted GB/s")
+    cells = [(r["kernel"], str(r["ep"]), r["phase"], f"{r['published_us']:.0f}",
+              f"{r['predicted_us']:.0f}", f"{r['predicted_us'] / r['published_us']:.2f}",
+              f"{r['published_GBps']:.0f}", f"{r['predicted_GBps']:.0f}") for r in rows]
+    return pipe_table(header, cells, (False, True, False, True, True, True, True, True))

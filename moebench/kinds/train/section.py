@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from moebench.report import tables
+from moebench.report.markdown import engineering, legend, markdown_table
 
 RANKING_COLUMNS = ("eval_loss", "perplexity", "maxvio_global", "maxvio_global_floor", "maxvio_batch_worst",
                    "dead_experts", "nmi", "fluctuation", "settle_step", "bias_flip_rate", "drop_rate", "train.step_ms")
@@ -55,7 +56,7 @@ def ranking_table(rows: pd.DataFrame) -> pd.DataFrame:
 def _interval(low, high) -> str:
     if low is None or high is None or pd.isna(low) or pd.isna(high):
         return "-"
-    return f"[{tables.engineering(low)}, {tables.engineering(high)}]"
+    return f"[{engineering(low)}, {engineering(high)}]"
 
 
 def with_groups(steps: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
@@ -173,8 +174,8 @@ def training_section(data, out_dir: Path) -> str | None:
             "Rows within a case are ranked by held-out loss.", ""]
     if not table.empty:
         table.to_csv(out_dir / "training.csv", index=False)
-        body += [tables.markdown_table(table, hide=hide), ""]
-        line = tables.legend([c for c in table.columns if c not in hide])
+        body += [markdown_table(table, hide=hide), ""]
+        line = legend([c for c in table.columns if c not in hide])
         if line:
             body += [line, ""]
     if not steps.empty:
