@@ -110,10 +110,44 @@ for _phase in PHASES:
         METRICS[f"{_phase}.{_f.name}"] = Metric(f"{_phase}.{_f.name}", _f.direction, False, f"{_phase}: {_f.description}")
 
 
+# Columns of parallel rows (moebench/kinds/parallel/rows.py). Engine rows measure times on the
+# ranks (not reproducible); the rank loads and traffic shares follow from the routing. Model rows
+# carry ``model.ep<N>.<field>``, all predicted by the cost model from the routing: reproducible.
+_PARALLEL_METRICS = [
+    Metric("rank_imbalance", "lower", True, "max / mean of the rows each rank's experts process"),
+    Metric("rank_imbalance_contiguous", "lower", True, "rank_imbalance of the same routing on the contiguous layout"),
+    Metric("remote_fraction", "lower", True, "share of dispatched rows that leave their rank"),
+    Metric("inter_node_fraction", "lower", True, "share of dispatched rows that cross nodes"),
+    Metric("straggler_ratio", "lower", False, "slowest rank's layer time / mean over ranks"),
+    Metric("expert_straggler_ratio", "lower", False, "slowest rank's expert time / mean over ranks"),
+    *(Metric(f"{p}_ms", "lower", False, f"{p}: max over ranks of each rank's median")
+      for p in ("layer", "a2a", "expert", "permute", "dispatch", "combine", "unpermute")),
+]
+_MODEL_FIELDS = {f: "lower" for f in ("dispatch_ms", "combine_ms", "expert_ms", "layer_ms", "rank_imbalance",
+                                      "straggler_ratio", "remote_fraction")}
+
+
+def all_metrics() -> dict[str, Metric]:
+    """Every metric with a fixed column name, by name (routing, training, phase, parallel). Model
+    rows' ``model.ep<N>.<field>`` columns are found by :func:`metric`."""
+    return {**METRICS, **{m.name: m for m in _PARALLEL_METRICS}}
+
+
+def metric(column: str) -> Metric | None:
+    """The Metric of a row column, or None when the column is not a metric (an axis, a label)."""
+    found = METRICS.get(column) or next((m for m in _PARALLEL_METRICS if m.name == column), None)
+    if found:
+        return found
+    head, _, field = column.rpartition(".")
+    if head.startswith("model.ep") and head[8:].isdigit() and field in _MODEL_FIELDS:
+        return Metric(column, _MODEL_FIELDS[field], True, f"cost model at EP {head[8:]}: {field}")
+    return None
+
+
 def direction(column: str) -> Direction:
     """Which way is better for a row column ('none' for columns that are not metrics)."""
-    metric = METRICS.get(column)
-    return metric.direction if metric else "none"
+    found = metric(column)
+    return found.direction if found else "none"
 
 
 def _cv(x: torch.Tensor) -> float:
