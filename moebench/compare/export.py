@@ -16,6 +16,7 @@ import math
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from moebench.core.case import case_axes
 from moebench.core.errors import MoebenchError
 from moebench.core.metrics import METRICS, PHASES
 from moebench.core.paths import write_output
@@ -110,10 +111,8 @@ def _commit_info(meta: dict) -> dict:
 
 def _extra_info(row: dict, phase: str) -> dict:
     metrics = {m: row.get(m) for m, spec in METRICS.items() if spec.deterministic and m in row}
-    axes = {k: row.get(k) for k in ("case_id", "router", "router_name", "router_params", "workload",
-                                    "workload_params", "tokens", "experts", "top_k", "capacity_factor",
-                                    "capacity", "drop_policy", "hidden", "dtype", "device", "seed",
-                                    "batches", "threads")}
+    axes = {k: row.get(k) for k in ("case_id", "router", "router_name", "router_params", *case_axes(),
+                                    "capacity", "threads")}
     timing = {k: row.get(f"{phase}.{k}") for k in ("ci_low_ms", "ci_high_ms", "tokens_per_s", "peak_mem_bytes")}
     return {"phase": phase, **axes, **timing, **metrics}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from typing import Any
 
 from moebench.core.capacity import CapacitySpec
@@ -112,24 +113,34 @@ class Case:
         return out
 
     def axes(self) -> dict:
-        """The case as flat row columns."""
-        return {
-            "case_id": self.case_id,
-            "workload": self.workload.display,
-            "workload_params": self.workload.params_json(),
-            "tokens": self.tokens,
-            "experts": self.experts,
-            "top_k": self.top_k,
-            "capacity_factor": self.capacity_factor,
-            "drop_policy": self.drop_policy,
-            "min_capacity": self.min_capacity,
-            "capacity_multiple": self.capacity_multiple,
-            "hidden": self.hidden,
-            "dtype": self.dtype,
-            "device": self.device,
-            "seed": self.seed,
-            "batches": self.batches,
-        }
+        """The case as flat row columns: ``case_id``, then :func:`case_axes` in order."""
+        out: dict[str, Any] = {"case_id": self.case_id}
+        for name in case_fields():
+            value = getattr(self, name)
+            if name == "workload":  # a spec: its label and its options, as two columns
+                out["workload"], out["workload_params"] = value.display, value.params_json()
+            else:
+                out[name] = value
+        return out
+
+
+@lru_cache(maxsize=None)
+def case_fields() -> tuple[str, ...]:
+    """The fields of :class:`Case` in order: what a suite's grid names (``suite.load.AXES``)."""
+    return tuple(f.name for f in fields(Case))
+
+
+@lru_cache(maxsize=None)
+def case_axes() -> tuple[str, ...]:
+    """The row columns that say which case a row measured, in sort order, ``case_id`` not
+    included: the :class:`Case` fields, with ``workload`` as two columns (``workload``, its
+    label, and ``workload_params``, its options as JSON). Derived from the dataclass, so a new
+    field is an axis of every table, fit and export at once; two rows that differ in any of
+    these are different cases (the scaling fit groups by all of them)."""
+    out: list[str] = []
+    for name in case_fields():
+        out += ["workload", "workload_params"] if name == "workload" else [name]
+    return tuple(out)
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from moebench.core.case import case_axes
 from moebench.core.metrics import PHASES
 
 AXES = ("tokens", "experts")
-OTHER_AXES = ("workload", "workload_params", "tokens", "experts", "top_k", "capacity_factor", "drop_policy",
-              "hidden", "dtype", "device", "seed", "batches")
+OTHER_AXES = case_axes()  # a series holds every case axis fixed but the swept one
 MIN_POINTS = 3
 TOP_POINTS = 3
 

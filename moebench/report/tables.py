@@ -18,17 +18,12 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from moebench.core.case import case_axes
 from moebench.core.metrics import PHASES, direction
 from moebench.report.markdown import KEY_TAIL, STREAM_STATS
 from moebench.store.runs import RunDir, load_run
 
-# The case axes (Case.axes() without case_id), in sort order.
-CASE_AXES = (
-    "workload", "workload_params", "tokens", "experts", "top_k", "capacity_factor",
-    "drop_policy", "min_capacity", "capacity_multiple", "hidden", "dtype", "device", "seed",
-    "batches",
-)
-
+CASE_AXES = case_axes()  # the columns naming a case (Case.axes() without case_id), in sort order
 BALANCE_COLUMNS = ("imbalance", "cv", "entropy", "gini", "idle_experts", "min_load", "max_load")
 DROPS_COLUMNS = ("capacity", "drop_rate", "token_drop_rate", "experts_per_token_mean",
                  "expert_usage", "aux_loss", "z_loss")
@@ -116,13 +111,16 @@ def _fmt_axis(value) -> str:
     return str(value)
 
 
-_LABEL_PARTS = (  # (axis, how it reads in the label, always shown)
-    ("workload", "{}", True), ("workload_params", "{}", False), ("tokens", "T={}", True),
-    ("experts", "E={}", True), ("top_k", "k={}", True), ("capacity_factor", "cf={}", True),
-    ("drop_policy", "{}", False), ("min_capacity", "minC={}", False),
-    ("capacity_multiple", "mult={}", False), ("hidden", "H={}", False), ("dtype", "{}", False),
-    ("device", "{}", False), ("seed", "seed={}", False), ("batches", "batches={}", False),
-)
+# How an axis reads in a case label, and whether it is always shown (else only where it varies);
+# an axis not named here (a new Case field) reads "axis=value", shown where it varies.
+_LABEL_FORMAT = {
+    "workload": ("{}", True), "workload_params": ("{}", False), "tokens": ("T={}", True),
+    "experts": ("E={}", True), "top_k": ("k={}", True), "capacity_factor": ("cf={}", True),
+    "drop_policy": ("{}", False), "min_capacity": ("minC={}", False),
+    "capacity_multiple": ("mult={}", False), "hidden": ("H={}", False), "dtype": ("{}", False),
+    "device": ("{}", False), "seed": ("seed={}", False), "batches": ("batches={}", False),
+}
+_LABEL_PARTS = tuple((axis, *_LABEL_FORMAT.get(axis, (axis + "={}", False))) for axis in CASE_AXES)
 
 
 def add_case_labels(df: pd.DataFrame) -> pd.DataFrame:

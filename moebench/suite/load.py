@@ -14,17 +14,17 @@ import itertools
 import json
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 
 from moebench.run.allocator import ALLOCATORS
-from moebench.core.case import Case, NamedSpec, Suite, TimingSpec
+from moebench.core.case import Case, NamedSpec, Suite, TimingSpec, case_fields
 from moebench.core.drop_policies import DROP_POLICIES
 from moebench.core.errors import SuiteError, UnknownNameError, did_you_mean
 from moebench.core.paths import FOLDER_NAME, MAX_NAME_CHARS, folder_name_problem
 from moebench.suite.files import include_list, read_suite_file, show
+from moebench.suite.rules import Rule
 from moebench.run.exec_modes import MODES
 from moebench.core.registry import Registry
 from moebench.routers.registry import ROUTERS
@@ -44,64 +44,6 @@ SPEC_KEYS = ("name", "params", "label")
 MAX_CASES = 100_000  # a typo like `tokens: [1, 2, ..., 4096]` should fail fast, not hang
 
 
-@dataclass(frozen=True)
-class Rule:
-    """What one scalar field accepts.
-
-    kind: "int", "number", "bool", "choice" (one of ``choices``) or "workload" (a NamedSpec).
-    minimum/exclusive: lower bound (``> minimum`` when exclusive).  nullable: null allowed,
-    and ``what`` says what null means; for choices ``what`` names the kind of name.
-    required: must be given (axes only).  default: the value when absent.
-    maximum: upper bound (inclusive): what moebench can allocate or count, so that a typo like
-    ``hidden: 1000000000`` is refused in validation instead of attempted.
-    """
-
-    kind: str
-    minimum: float | None = None
-    exclusive: bool = False
-    nullable: bool = False
-    choices: tuple[str, ...] = ()
-    what: str = ""
-    required: bool = False
-    default: Any = None
-    maximum: float | None = None
-
-    def describe(self) -> str:
-        text = {"int": "an integer", "number": "a number", "bool": "a boolean"}[self.kind]
-        if self.minimum is not None:
-            text += f" {'>' if self.exclusive else '>='} {self.minimum:g}"
-        if self.nullable:
-            text += f" or null ({self.what})" if self.what else " or null"
-        return text
-
-    def check(self, value: Any) -> tuple[str | None, Any]:
-        """(None, normalised value) if ``value`` is acceptable, else (what was expected, value)."""
-        if value is None and self.nullable:
-            return None, None
-        if self.kind == "choice":
-            if isinstance(value, str) and value in self.choices:
-                return None, value
-            return f"unknown {self.what} {show(value)}{did_you_mean(str(value), list(self.choices))}", value
-        is_int = isinstance(value, int) and not isinstance(value, bool)
-        if is_int and self.kind == "number" and abs(value) >= 2**1000:  # float() of it would overflow
-            return f"expected {self.describe()}, got {show(value)}", value
-        ok = {
-            "int": is_int,
-            "number": is_int or (isinstance(value, float) and math.isfinite(value)),
-            "bool": isinstance(value, bool),
-        }[self.kind]
-        if ok and self.minimum is not None:
-            ok = value > self.minimum if self.exclusive else value >= self.minimum
-        if not ok:
-            return f"expected {self.describe()}, got {show(value)}", value
-        if self.maximum is not None and value > self.maximum:
-            kind = {"int": "an integer", "number": "a number"}[self.kind]
-            top = f"{int(self.maximum)}" if self.kind == "int" else f"{self.maximum:g}"
-            return f"expected {kind} <= {top} (the most moebench accepts), got {show(value)}", value
-        # floats stay floats: `1` and `1.0` must give the same case id
-        return None, float(value) if self.kind == "number" else value
-
-
 # Axes in Case field order (the expansion order). Defaults match Case's, except that Case has
 # no default capacity factor; a suite that never names one gets 1.25.
 AXES: dict[str, Rule] = {
@@ -119,6 +61,8 @@ AXES: dict[str, Rule] = {
     "seed": Rule("int", 0, default=0, maximum=2**63 - 1),
     "batches": Rule("int", 1, default=1, maximum=100_000),
 }
+if tuple(AXES) != case_fields():  # the Case dataclass is the one list of axes: each needs a rule here
+    raise TypeError(f"suite AXES {tuple(AXES)} do not match the Case fields {case_fields()}")
 
 TIMING: dict[str, Rule] = {
     "warmup_rounds": Rule("int", 0, maximum=10**6),
@@ -336,9 +280,6 @@ class _Validator:
         if len(unique) > MAX_CASES:
             self.fail("grid", f"expands to {len(unique)} cases; at most {MAX_CASES} are allowed")
         return tuple(unique.values())
-
-    def grid_cases(self, grid: Any, field: str, defaults: dict) -> list[Case]:
-        return self.expand(self.grid_axes(grid, field, defaults))
 
     def grid_axes(self, grid: Any, field: str, defaults: dict) -> dict[str, list[tuple[Any, str]]]:
         """The validated values of every axis of one grid (not expanded)."""
