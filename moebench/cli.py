@@ -31,6 +31,10 @@ def _cmd_run(args) -> int:
 
         shard = parse_shard(args.shard)
         suite = shard_suite(suite, *shard)
+    if args.resume:  # a run is resumed only as the shard it was started as (#23)
+        from moebench.run.shards import check_resume_shard
+
+        check_resume_shard(Path(args.resume), shard)
     if suite.parallel is not None:  # under torchrun, ranks other than 0 only follow rank 0
         from moebench.kinds.parallel.launch import follow_if_torchrun
 
@@ -94,7 +98,7 @@ def _cmd_run(args) -> int:
 def _cmd_merge(args) -> int:
     from moebench.run.shards import merge_runs
 
-    run = merge_runs([Path(p) for p in args.runs], Path(args.results))
+    run = merge_runs([Path(p) for p in args.runs], Path(args.results), allow_mixed=args.allow_mixed)
     print(f"results: {run.path} ({len(run.rows())} rows from {len(args.runs)} runs)")
     if not args.no_report:
         from moebench.report.build import write_report
@@ -239,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--results", default="results", help="results root (default: results)")
     merge.add_argument("--reports", default="reports", help="reports root (default: reports)")
     merge.add_argument("--no-report", action="store_true", help="skip the report of the merged run")
+    merge.add_argument("--allow-mixed", action="store_true",
+                       help="merge shards made by different moebench versions or git commits (warns)")
     merge.set_defaults(fn=_cmd_merge)
 
     report = sub.add_parser("report", help="write the report of one or more runs")

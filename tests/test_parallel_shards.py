@@ -49,6 +49,7 @@ def test_two_shards_merged_equal_the_whole_run(tmp_path, capsys):
     parts = runs_of(tmp_path / "parts")
     assert sorted(load_run(p).meta()["shard"] for p in parts) == ["0/2", "1/2"]
     assert sorted(len(load_run(p).rows()) for p in parts) == [2, 4]  # cases 0, 2 and case 1
+    same_code(parts)
     assert main(["merge", *map(str, parts), "--results", str(tmp_path / "merged"), "--no-report"]) == 0
     (whole,), (merged,) = runs_of(tmp_path / "whole"), runs_of(tmp_path / "merged")
     a, b = load_run(whole).rows(), load_run(merged).rows()
@@ -81,3 +82,114 @@ def test_torchrun_splits_the_cases_and_rank_0_writes_one_run(tmp_path):
 def test_bad_shard_text(text):
     with pytest.raises(MoebenchError, match="--shard"):
         parse_shard(text)
+
+
+# ---------------------------------------------------------------------- #23: merge and shards
+
+def _two_shards(tmp_path) -> tuple[Path, list[Path]]:
+    suite = tmp_path / "shardy.yaml"
+    suite.write_text(SUITE)
+    for i in (0, 1):
+        assert main(["run", str(suite), "--results", str(tmp_path / "parts"), "--no-report", "--shard", f"{i}/2"]) == 0
+    parts = runs_of(tmp_path / "parts")
+    same_code(parts)
+    return suite, parts
+
+
+def same_code(parts: list[Path]) -> None:
+    """Record one git commit in every shard: other work committed between two shard runs of a
+    test must not make them 'different code'."""
+    env = json.loads((parts[0] / "meta.json").read_text()).get("environment")
+    for p in parts[1:]:
+        _set_meta(p, environment=env)
+
+
+def _set_meta(run: Path, **fields) -> None:
+    meta = json.loads((run / "meta.json").read_text())
+    meta.update(fields)
+    (run / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("suite_name", ["../../escaped", "..", "/tmp/abs", "a/b", ".hidden", 7])
+def test_merge_stays_inside_results(tmp_path, suite_name):
+    _, parts = _two_shards(tmp_path)
+    for p in parts:
+        _set_meta(p, suite=suite_name)
+    root = tmp_path / "deep" / "er" / "results"
+    root.mkdir(parents=True)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(MoebenchError, match="suite name"):
+        merge_runs(parts, root)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing created anywhere
+
+
+def test_merge_refuses_a_suite_folder_symlinked_out_of_results(tmp_path):
+    _, parts = _two_shards(tmp_path)
+    root = tmp_path / "results"
+    root.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "shardy").symlink_to(outside)
+    with pytest.raises(MoebenchError, match="leads outside"):
+        merge_runs(parts, root)
+    assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["suite.yaml", "rows.jsonl", "meta.json"])
+def test_merge_does_not_follow_symlinked_files(tmp_path, name):
+    _, parts = _two_shards(tmp_path)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("name: shardy\nsecret: 42\n")
+    target = parts[0] / name
+    if name == "meta.json":  # a symlinked meta pointing at a real meta elsewhere
+        real = tmp_path / "elsewhere.json"
+        real.write_text(target.read_text())
+        secret = real
+    target.unlink()
+    target.symlink_to(secret)
+    with pytest.raises(MoebenchError, match="is a symlink"):
+        merge_runs(parts, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("shard", ["abc", "3/2", "1/0", 5, ["0/2"], "0/2/3"])
+def test_merge_refuses_a_malformed_shard_in_meta(tmp_path, shard):
+    _, parts = _two_shards(tmp_path)
+    _set_meta(parts[0], shard=shard)
+    with pytest.raises(MoebenchError, match="meta.json: shard is"):
+        merge_runs(parts, tmp_path / "merged")
+
+
+def test_merge_refuses_shards_of_different_code_unless_allowed(tmp_path, caplog):
+    _, parts = _two_shards(tmp_path)
+    _set_meta(parts[1], moebench_version="0.0.1-other")
+    with pytest.raises(MoebenchError, match="--allow-mixed"):
+        merge_runs(parts, tmp_path / "merged")
+    meta = json.loads((parts[1] / "meta.json").read_text())
+    meta["moebench_version"] = json.loads((parts[0] / "meta.json").read_text())["moebench_version"]
+    meta.setdefault("environment", {})["git"] = {"commit": "f" * 40, "dirty": False}
+    (parts[1] / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(MoebenchError, match="commit ffffffffffff"):
+        merge_runs(parts, tmp_path / "merged")
+    with caplog.at_level("WARNING", logger="moebench.run.shards"):
+        merged = merge_runs(parts, tmp_path / "merged", allow_mixed=True)
+    assert "--allow-mixed" in caplog.text
+    assert len(merged.rows()) == 6 and len(merged.meta()["merged_code"]) == 2
+    # and through the CLI
+    assert main(["merge", *map(str, parts), "--results", str(tmp_path / "m2"), "--no-report"]) == 2
+    assert main(["merge", *map(str, parts), "--results", str(tmp_path / "m2"), "--no-report", "--allow-mixed"]) == 0
+
+
+@pytest.mark.parametrize("flag", [["--shard", "1/2"], ["--shard", "0/3"], []])
+def test_resume_as_another_shard_is_refused(tmp_path, capsys, flag):
+    suite, parts = _two_shards(tmp_path)
+    shard0 = next(p for p in parts if load_run(p).meta()["shard"] == "0/2")
+    rows_before = (shard0 / "rows.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["run", str(suite), "--no-report", "--resume", str(shard0), *flag]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "that run is shard 0/2" in err and len(err.splitlines()) == 1, err
+    assert (shard0 / "rows.jsonl").read_text() == rows_before
+    assert load_run(shard0).meta()["shard"] == "0/2"
+    # the same shard resumes
+    assert main(["run", str(suite), "--no-report", "--resume", str(shard0), "--shard", "0/2"]) == 0

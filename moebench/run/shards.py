@@ -9,12 +9,16 @@ suite file, to be distinct shards of one N, and to repeat no (case, router) pair
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import stat
 from dataclasses import replace
 from pathlib import Path
 
 from moebench.core.case import Suite
 from moebench.core.errors import MoebenchError
+from moebench.core.paths import inside, under
 from moebench.store.runs import RunDir, load_run, new_run_id, utc_now
 
 
@@ -26,26 +30,103 @@ def parse_shard(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+log = logging.getLogger("moebench.run.shards")
+
+
 def shard_suite(suite: Suite, index: int, count: int) -> Suite:
     """The suite with only shard ``index`` of ``count`` of its cases (sha256 unchanged: the
     shards of one suite file are one suite)."""
     return replace(suite, cases=tuple(c for i, c in enumerate(suite.cases) if i % count == index))
 
 
-def merge_runs(paths: list[Path], results_root: Path) -> RunDir:
-    """A new run folder under ``results_root/<suite>/`` holding every row of the shard runs."""
+RUN_FILES = ("meta.json", "rows.jsonl", "batches.jsonl", "loads.jsonl", "steps.jsonl", "suite.yaml")
+SUITE_COPY_MAX_BYTES = 16 << 20  # a suite file is a few KB; anything this large is not one
+
+
+def _no_symlinks(path: Path) -> None:
+    """Refuse a run folder whose files are symlinks: a crafted folder must not make merge read
+    (and copy into the merged run) a file outside it."""
+    for name in RUN_FILES:
+        if (path / name).is_symlink():
+            raise MoebenchError(f"{path / name}: is a symlink; merge reads only regular files in a run folder")
+
+
+def _shard_of(path: Path, meta: dict) -> tuple[int, int] | None:
+    """meta's ``shard`` as (I, N), None for an unsharded run; a MoebenchError if it is not I/N."""
+    shard = meta.get("shard")
+    if shard is None:
+        return None
+    m = re.fullmatch(r"(\d{1,9})/(\d{1,9})", shard) if isinstance(shard, str) else None
+    if not m or int(m.group(1)) >= int(m.group(2)):
+        shown = repr(shard)[:60]
+        raise MoebenchError(f"{path}/meta.json: shard is {shown}; expected I/N with 0 <= I < N (e.g. \"0/4\")")
+    return int(m.group(1)), int(m.group(2))
+
+
+def code_identity(meta: dict) -> tuple[str, str]:
+    """(moebench version, git commit or '?') of the code that made a run (from its meta.json)."""
+    env = meta.get("environment") if isinstance(meta.get("environment"), dict) else {}
+    git = env.get("git") if isinstance(env.get("git"), dict) else {}
+    return str(meta.get("moebench_version") or "?")[:40], str(git.get("commit") or "?")[:40]
+
+
+def _suite_copy(run: RunDir) -> str:
+    """The first shard's suite.yaml (a regular file of bounded size), else ''."""
+    path = run.path / "suite.yaml"
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return ""
+    if not stat.S_ISREG(st.st_mode) or st.st_size > SUITE_COPY_MAX_BYTES:
+        raise MoebenchError(f"{path}: expected a regular file of at most {SUITE_COPY_MAX_BYTES >> 20} MiB")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MoebenchError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def check_resume_shard(resume: Path, shard: tuple[int, int] | None) -> None:
+    """``--resume`` continues a run only as the same shard it was started as (or unsharded as
+    unsharded): shard 1/2 resumed into a run of shard 0/2 would mix the two."""
+    meta = load_run(resume).meta()
+    have = _shard_of(resume, meta)
+    if have != (tuple(shard) if shard else None):
+        was = f"shard {have[0]}/{have[1]}" if have else "not sharded"
+        now = f"--shard {shard[0]}/{shard[1]}" if shard else "no --shard"
+        raise MoebenchError(f"--resume {resume}: that run is {was}, this command has {now}; resume with the same --shard")
+
+
+def merge_runs(paths: list[Path], results_root: Path, allow_mixed: bool = False) -> RunDir:
+    """A new run folder under ``results_root/<suite>/`` holding every row of the shard runs.
+
+    Refused: a symlinked file in a shard's folder, a suite name that would lead out of
+    ``results_root`` (the check `run` uses, moebench/core/paths.py), a malformed ``shard``,
+    shards of different suites or N, and shards made by different code (moebench version or
+    git commit) unless ``allow_mixed`` (then one warning)."""
+    for path in paths:
+        _no_symlinks(Path(path))
     runs = [load_run(p) for p in paths]
     metas = [r.meta() for r in runs]
     first = metas[0]
+    out_parent = under(results_root, first.get("suite"), what=f"{paths[0]}/meta.json: suite")
     for path, meta in zip(paths, metas):
         if meta.get("suite_sha256") != first.get("suite_sha256"):
             raise MoebenchError(f"{path}: comes from a different suite file than {paths[0]}; merge needs one suite")
         if bool(meta.get("quick")) != bool(first.get("quick")):
             raise MoebenchError(f"{path}: quick={meta.get('quick')}, {paths[0]}: quick={first.get('quick')}")
+        if code_identity(meta) != code_identity(first):
+            (v1, c1), (v2, c2) = code_identity(first), code_identity(meta)
+            what = (f"{path} was made by moebench {v2} (commit {c2[:12]}), {paths[0]} by moebench {v1} "
+                    f"(commit {c1[:12]})")
+            if not allow_mixed:
+                raise MoebenchError(f"merge: {what}; shards of different code may not be comparable "
+                                    "(pass --allow-mixed to merge them anyway)")
+            log.warning("merge --allow-mixed: %s", what)
+    parsed = [_shard_of(p, m) for p, m in zip(paths, metas)]
     shards = [m.get("shard") for m in metas]
-    if all(shards):
-        counts = {s.split("/")[1] for s in shards}
-        if len(counts) > 1 or len(set(shards)) != len(shards):
+    if all(parsed):
+        counts = {n for _, n in parsed}
+        if len(counts) > 1 or len(set(parsed)) != len(parsed):
             raise MoebenchError(f"merge: expected distinct shards of one N, got {', '.join(shards)}")
     seen: dict[tuple[str, str], Path] = {}
     rows, batches, loads, steps = [], [], [], []
@@ -60,14 +141,15 @@ def merge_runs(paths: list[Path], results_root: Path) -> RunDir:
         loads += run.loads()
         steps += run.steps() if hasattr(run, "steps") else []
     run_id = new_run_id()
-    out = RunDir(Path(results_root) / str(first.get("suite")) / run_id)
+    out = RunDir(inside(results_root, out_parent / run_id))
     statuses = {m.get("status") for m in metas}
     meta = {**first, "run_id": run_id, "shard": None, "merged_from": [str(p) for p in paths],
-            "merged_shards": shards, "cases": sum(int(m.get("cases") or 0) for m in metas),
+            "merged_shards": shards, "cases": sum(_count(m.get("cases")) for m in metas),
             "started_at": min(str(m.get("started_at")) for m in metas), "ended_at": utc_now(),
             "status": "complete" if statuses == {"complete"} else "interrupted"}
-    suite_copy = (runs[0].path / "suite.yaml")
-    out.create(meta, suite_copy.read_text(encoding="utf-8") if suite_copy.exists() else "")
+    if allow_mixed and len({code_identity(m) for m in metas}) > 1:
+        meta["merged_code"] = [list(code_identity(m)) for m in metas]
+    out.create(meta, _suite_copy(runs[0]))
     for record in batches:
         record["run_id"] = run_id
     out.append_batches(batches)
@@ -78,6 +160,11 @@ def merge_runs(paths: list[Path], results_root: Path) -> RunDir:
     for row in rows:  # rows last, as a run writes them
         out.append_row({**row, "run_id": run_id})
     return out
+
+
+def _count(value) -> int:
+    """meta's ``cases`` as a count (0 when it is not a non-negative int)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def torchrun_sweep(suite: Suite, options, no_report: bool, reports_root: Path) -> int:
