@@ -28,13 +28,13 @@ PACKAGE = "moebench"
 class Rule:
     """One dependency rule over the modules of a package.
 
-    source: the folder the rule constrains, relative to the package ("core", "kinds.*": each
-        kind folder under kinds/ on its own).
+    source: what the rule constrains, relative to the package: a folder ("core"), each kind
+        folder under kinds/ on its own ("kinds.*"), or one module ("run.session").
     only: if set, the package folders (relative names) the source may import besides itself;
         any other module of the package is a violation.
     never: module prefixes the source must not import: package-relative ("run.session"),
-        "@other-kind" (any kind other than the source's own), or a third-party top-level name
-        written with a leading "!" ("!torch").
+        "@other-kind" (any kind other than the source's own), "@any-kind" (any module under
+        kinds/<name>/), or a third-party top-level name written with a leading "!" ("!torch").
     text: the rule as docs/architecture.md states it.
     """
 
@@ -54,6 +54,8 @@ RULES: tuple[Rule, ...] = (
     Rule("compare", "compare never imports run, routers or torch", never=("run", "routers", "!torch")),
     Rule("kinds.*", "a kind never imports another kind, run.session or cli",
          never=("@other-kind", "run.session", "cli")),
+    Rule("suite", "suite and run.session never import a kind", never=("@any-kind",)),
+    Rule("run.session", "suite and run.session never import a kind", never=("@any-kind",)),
 )
 CIRCLE_RULE = "no import circles"
 
@@ -204,9 +206,12 @@ def folder(graph: Graph, module: str) -> str:
     return parts[0]
 
 
-def _applies(rule: Rule, source_folder: str) -> bool:
+def _applies(rule: Rule, source_folder: str, relative: str | None = None) -> bool:
+    """Whether ``rule`` constrains a module of ``source_folder`` (package-relative name ``relative``)."""
     if rule.source.endswith(".*"):
         return source_folder.startswith(rule.source[:-1])
+    if "." in rule.source and not rule.source.startswith("kinds."):
+        return relative is not None and (relative == rule.source or relative.startswith(rule.source + "."))
     return source_folder == rule.source
 
 
@@ -219,7 +224,7 @@ def _forbidden(rule: Rule, graph: Graph, source_folder: str, target: str) -> boo
         return True
     relative = target[len(graph.package) + 1:]
     for never in rule.never:
-        if never == "@other-kind":
+        if never in ("@other-kind", "@any-kind"):
             if target_folder.startswith("kinds.") and target_folder != source_folder:
                 return True
         elif not never.startswith("!") and (relative == never or relative.startswith(never + ".")):
@@ -255,8 +260,9 @@ def violations_by_rule(graph: Graph, rules=RULES) -> list[tuple[str, str]]:
     out = []
     for module in sorted(graph.files):
         source_folder = folder(graph, module)
+        relative = module[len(graph.package) + 1:]
         for rule in rules:
-            if not _applies(rule, source_folder):
+            if not _applies(rule, source_folder, relative):
                 continue
             for target in sorted(graph.edges[module]):
                 if _forbidden(rule, graph, source_folder, target):
@@ -305,9 +311,9 @@ def test_real_tree_keeps_rule(real_graph, text):
 
 def test_every_rule_folder_exists(real_graph):
     """A rule about a folder that was renamed away would pass vacuously."""
-    folders = {folder(real_graph, m) for m in real_graph.files}
+    places = {(folder(real_graph, m), m[len(PACKAGE) + 1:]) for m in real_graph.files}
     for rule in RULES:
-        assert any(_applies(rule, f) for f in folders), f"rule {rule.text!r}: no folder {rule.source}"
+        assert any(_applies(rule, f, m) for f, m in places), f"rule {rule.text!r}: no folder or module {rule.source}"
 
 
 def test_docs_show_the_same_rules():
@@ -373,8 +379,12 @@ CLEAN = {
     "kinds/train/loop.py": "from fakepkg.run import runner\nfrom fakepkg.routers import base\nfrom . import spec\n",
     "kinds/train/spec.py": "from fakepkg.core import case\n",
     "kinds/parallel/engine.py": "from ...core import case\n",
-    "run/session.py": "from fakepkg.store import runs\n",
+    "run/session.py": "from fakepkg.store import runs\nfrom fakepkg.core import kinds\n",
     "run/runner.py": "from fakepkg.core import case\n",
+    "run/routing_kind.py": "from fakepkg.kinds import registry\n",  # only run.session is held to no kinds
+    "kinds/registry.py": "from fakepkg.core import kinds\n",
+    "suite/load.py": "from fakepkg.core import kinds\nfrom fakepkg.routers.base import y\n",
+    "core/kinds.py": "import importlib\n",
     "cli.py": "from fakepkg.run import session\n",
 }
 
@@ -396,6 +406,8 @@ def test_planted_violations_are_each_reported(tmp_path):
         "compare/verdicts.py": "from fakepkg.run import runner\n",
         "kinds/train/loop.py": "from fakepkg.kinds.parallel import engine\nfrom fakepkg.run.session import go\n",
         "kinds/parallel/engine.py": "from ... import cli\n",
+        "suite/load.py": "from fakepkg.kinds.train.spec import parse\n",
+        "run/session.py": "def rows():\n    from fakepkg.kinds.parallel import engine\n",
         # a two-module circle, closed inside a function
         "run/a.py": "from fakepkg.run import b\n",
         "run/b.py": "def later():\n    import fakepkg.run.a\n",
@@ -414,7 +426,11 @@ def test_planted_violations_are_each_reported(tmp_path):
         "fakepkg.kinds.train.loop -> fakepkg.kinds.parallel.engine (a kind never imports another kind, run.session or cli)",
         "fakepkg.kinds.train.loop -> fakepkg.run.session (a kind never imports another kind, run.session or cli)",
         "fakepkg.kinds.parallel.engine -> fakepkg.cli (a kind never imports another kind, run.session or cli)",
+        "fakepkg.suite.load -> fakepkg.kinds.train.spec (suite and run.session never import a kind)",
+        "fakepkg.run.session -> fakepkg.kinds.parallel.engine (suite and run.session never import a kind)",
         "fakepkg.run.a -> fakepkg.run.b -> fakepkg.run.a (no import circles)",
+        # the planted session -> kind -> cli imports close a circle with cli -> session
+        "fakepkg.cli -> fakepkg.run.session -> fakepkg.kinds.parallel.engine -> fakepkg.cli (no import circles)",
     ]
     for line in expected:
         assert line in found, f"not reported: {line}"
