@@ -183,7 +183,7 @@ def _cmd_compare(args) -> int:
     )
     mode = "absolute" if args.absolute else "relative" if args.relative else "auto"
     result = compare_runs(args.a, args.b, fail_on=args.fail_on, metrics=args.metrics, mode=mode, noise=noise)
-    sys.stdout.write(format_text(result))
+    sys.stdout.write(format_text(result, details=args.details))
     if args.json:
         write_output(args.json, json.dumps(result.to_dict(), indent=2, default=str) + "\n", "--json")
         print(f"comparison: {args.json}")
@@ -274,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="noise rule: absolute change a median must exceed (default 0.01)")
     cmp.add_argument("--consistency", type=float, metavar="SHARE",
                      help="noise rule: share of a router's cases that must agree (default 0.667; 0: judge each row alone)")
+    cmp.add_argument("--details", action="store_true", help="after the summary, one line per changed case and metric")
     cmp.add_argument("--json", metavar="FILE", help="write the full per-row, per-metric comparison")
     cmp.set_defaults(fn=_cmd_compare)
 

@@ -23,7 +23,8 @@ ZIPF = "zipf-T1024-E8-k1-cf1.25-position-float32-cpu-s0-4e5f6a7b"
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
-    code = main(["compare", *map(str, args)])
+    """`moebench compare --details ARGS`: the summary, then one line per changed cell."""
+    code = main(["compare", "--details", *map(str, args)])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -199,7 +200,8 @@ def test_json_output_has_every_row_and_metric(capsys, tmp_path):
     assert row["metrics"]["drop_rate"]["verdict"] == "worse" and row["metrics"]["drop_rate"]["regression"]
     assert row["metrics"]["route.median_ms"]["verdict"] == "unchanged"
     assert row["metrics"]["route.iqr_ms"]["verdict"] == "info"
-    assert data["noise_rule"] == {"threshold": 0.1, "min_diff_ms": 0.01, "consistency": 2 / 3, "margin": 0.5}
+    assert data["noise_rule"] == {"threshold": 0.1, "min_diff_ms": 0.01, "consistency": 2 / 3, "margin": 0.5, "min_cases": 2}
+    assert data["summary"][0]["verdict"] == "REGRESSION" and data["summary"][0]["metric"] == "imbalance"
 
 
 def test_baseline_file_and_suite_folder_as_sides(capsys, tmp_path):
@@ -359,3 +361,117 @@ def test_six_rounds_are_enough():
     c = compare_runs(a, b, noise=NoiseRule(consistency=0))
     v = next(v for v in c.rows[0].verdicts if v.metric == "route.median_ms")
     assert v.verdict == "worse" and v.regression and c.exit_code == 1
+
+
+# ------------------------------------------------------------------ every metric, the summary first
+
+PARALLEL_SUITE = """
+name: par
+version: 1
+defaults: {{hidden: 8, dtype: float32, device: cpu, seed: 0, capacity_factor: null}}
+grid:
+  workload: {{name: zipf, params: {{s: 1.2}}}}
+  tokens: 512
+  experts: 16
+  top_k: 2
+routers: [topk]
+parallel: {{mode: model, ep: [4, 8], placement: {placement}, profile: h800_deepep}}
+timing: {{enabled: false, isolate: false}}
+"""
+
+
+def test_parallel_run_whose_rank_imbalance_grew_fails(tmp_path, capsys):
+    # the cost model (no processes): the same routing placed by EPLB (A) and contiguously (B),
+    # so the rows each rank processes are less even in B; routing metrics are unchanged
+    from moebench.run.session import RunOptions, execute
+    from moebench.suite.load import load_suite
+
+    runs = {}
+    for placement in ("eplb", "contiguous"):
+        path = tmp_path / f"{placement}.yaml"
+        path.write_text(PARALLEL_SUITE.format(placement=placement))
+        runs[placement] = execute(load_suite(path), RunOptions(results_root=tmp_path / placement)).path
+    a, b = (load_side(runs[p])[1][0] for p in ("eplb", "contiguous"))
+    assert b["rank_imbalance"] > a["rank_imbalance"] and b["imbalance"] == a["imbalance"]
+    code, out, _ = cli(capsys, runs["eplb"], runs["contiguous"])
+    assert code == 1, out
+    assert any(" topk rank_imbalance:" in line for line in lines(out, "REGRESSION"))
+    summary = [line.split() for line in out.splitlines() if line.startswith("  REGRESSION")]
+    assert summary[0][:3] == ["REGRESSION", "topk", "rank_imbalance"]  # gated-on metrics first
+    assert {"model.ep4.rank_imbalance", "model.ep8.rank_imbalance"} <= {s[2] for s in summary}
+    assert compare_runs(runs["eplb"], runs["contiguous"], fail_on=["imbalance:0"]).exit_code == 0
+    assert compare_runs(runs["eplb"], runs["contiguous"], fail_on=["rank_imbalance:5%"]).exit_code == 1
+    assert compare_runs(runs["eplb"], runs["contiguous"], fail_on=["model.ep8.rank_imbalance:5%"]).exit_code == 0
+
+
+def _timed_sides(spec: dict[str, list[tuple[float, float]]], half: float = 0.02, **meta_b):
+    """(A, B) sides: for each router, one case per (A ms, B ms) with 95% CIs of +-``half``."""
+    def rows(which: int) -> list[dict]:
+        out = []
+        for router, cells in spec.items():
+            for i, cell in enumerate(cells):
+                ms = cell[which]
+                out.append({"case_id": f"case{i}", "router": router, "status": "ok", "device": "cpu",
+                            "imbalance": 1.25, "route.median_ms": ms, "route.rounds": 30,
+                            "route.ci_low_ms": ms * (1 - half), "route.ci_high_ms": ms * (1 + half)})
+        return out
+
+    meta = {"environment": {"cpu_model": "x", "hostname": "h"}, "timing": {"min_rounds": 30, "threads": 1}}
+    return (meta, rows(0)), ({**meta, **meta_b}, rows(1))
+
+
+def test_fail_on_median_flags_the_slowed_router_not_noisy_single_cells():
+    # `slowed` is 12-25% slower on all 6 cases (median 1.17); judged cell by cell at 15% only
+    # 3 of 6 pass, below 2/3. `deepseek` applies to one case only, where a burst made it 6x
+    # slower; `hash` has one 19x cell among 4. Neither is a slower router.
+    spec = {"slowed": [(1.0, 1.12), (1.0, 1.13), (2.0, 2.28), (1.0, 1.2), (1.0, 1.22), (2.0, 2.5)],
+            "deepseek": [(1.0, 6.15)],
+            "hash": [(1.0, 19.8), (1.0, 1.0), (2.0, 2.0), (1.0, 1.01)],
+            "topk": [(1.0, 1.0)] * 6}
+    a, b = _timed_sides(spec)
+    c = compare_runs(a, b, fail_on=["route.median_ms:15%"])
+    assert c.exit_code == 1
+    assert {v.router for v in c.regressions} == {"slowed"}
+    by_router = {g.router: g for g in c.summary() if g.metric == "route.median_ms"}
+    assert by_router["slowed"].verdict == "REGRESSION" and by_router["slowed"].ratio == pytest.approx(1.17, abs=0.01)
+    assert "6 of 6 cases slower" in by_router["slowed"].reason and "beyond 15%" in by_router["slowed"].reason
+    assert by_router["deepseek"].verdict == "unchanged" and "needs >= 2 cases" in by_router["deepseek"].reason
+    assert by_router["hash"].verdict == "unchanged" and "1 of 4 cases slower" in by_router["hash"].reason
+    assert by_router["slowed"].interval[0] > 1.0  # the typical case's interval lies above 1
+    # the summary lists the slowed router first
+    assert c.summary()[0].router == "slowed"
+    assert compare_runs(a, b, fail_on=["route.median_ms:20%"]).exit_code == 0  # median 1.17 is within 20%
+
+
+def test_directionless_metrics_are_changed_never_a_regression(capsys):
+    meta, rows = load_side(run("base"))
+    moved = [dict(r, router_confidence=r["router_confidence"] + 0.1, experts_per_token_mean=1.5) for r in rows]
+    c = compare_runs((meta, rows), (meta, moved))
+    assert c.exit_code == 0 and not c.regressions
+    changed = {(g.metric, g.verdict) for g in c.summary() if g.verdict != "unchanged"}
+    assert changed == {("router_confidence", "changed"), ("experts_per_token_mean", "changed")}
+    assert all("no direction: not gated" in g.reason for g in c.summary() if g.verdict == "changed")
+
+
+def test_summary_is_first_sorted_by_severity_then_gated_metrics(capsys, tmp_path):
+    meta, rows = load_side(run("base"))
+    worse = [dict(r, z_loss=r["z_loss"] * 3, imbalance=r["imbalance"] * 1.01, router_confidence=0.7) for r in rows]
+    base, cand = tmp_path / "a.json", tmp_path / "b.json"
+    for path, side in ((base, rows), (cand, worse)):
+        path.write_text(json.dumps({"meta": meta, "rows": side}))
+    code, out, _ = main(["compare", str(base), str(cand)]), *capsys.readouterr()
+    assert code == 1
+    table = [line.split()[:3] for line in out.splitlines()[3:] if line.startswith("  ") and not line.startswith("  and")]
+    verdicts = [t[0] for t in table]
+    assert verdicts == sorted(verdicts, key=["REGRESSION", "worse", "changed", "better", "unchanged"].index)
+    regressed = [t[2] for t in table if t[0] == "REGRESSION"]
+    assert regressed[:2] == ["imbalance", "imbalance"] and regressed[2:] == ["z_loss", "z_loss"]
+    assert ["changed", "switch", "router_confidence"] in table
+    assert not lines(out, "REGRESSION")  # details only with --details
+    assert "--details" in out
+
+
+def test_timing_settings_note_names_the_keys():
+    a, b = _timed_sides({"r": [(1.0, 1.0)] * 2}, timing={"min_rounds": 5, "threads": 1, "min_time_s": 0.5})
+    notes = compare_runs(a, b).notes
+    assert "the runs differ in timing settings: min_rounds 30 -> 5, min_time_s unset -> 0.5" in notes
