@@ -91,8 +91,11 @@ def test_a_dead_or_hung_rank_ends_the_case_with_a_clear_message(kind):
     start = time.monotonic()
     rows, _ = run(case, spec, [NamedSpec("topk"), NamedSpec("switch")],
                   fault={"rank": 1, "at": "dispatch", "kind": kind})
-    assert time.monotonic() - start < spec.timeout_s + 30  # the launch itself takes a few seconds
-    assert [r.row["status"] for r in rows] == ["error", "error"]
+    # a failed launch is retried router by router (#23): only the router the fault is armed
+    # for loses its row
+    assert time.monotonic() - start < 2 * spec.timeout_s + 60  # each launch takes a few seconds
+    assert [r.row["status"] for r in rows] == ["error", "ok"]
+    assert rows[0].row["redo_on_resume"] is True
     reason = rows[0].row["reason"]
     assert reason.startswith("LaunchFailure: rank ")
     if kind == "hang":

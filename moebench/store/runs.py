@@ -188,8 +188,9 @@ class RunDir:
         return _dedupe(read_jsonl(self.loads_path, required=KEY), ("case_id", "router", "batch"))[0]
 
     def finished_keys(self) -> set[tuple[str, str]]:
-        """(case_id, router) of rows already on disk: what --resume skips."""
-        return {(r["case_id"], r["router"]) for r in self.raw_rows()}
+        """(case_id, router) of rows already on disk: what --resume skips (an error row marked
+        ``redo_on_resume``, e.g. a parallel case whose rank died, is run again)."""
+        return {(r["case_id"], r["router"]) for r in self.raw_rows() if r.get("redo_on_resume") is not True}
 
     def holder(self) -> str:
         return describe(self.meta().get("process"))

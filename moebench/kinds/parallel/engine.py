@@ -32,11 +32,13 @@ import torch.distributed as dist
 
 from moebench.core.case import Case, NamedSpec
 from moebench.core.errors import MoebenchError
+from moebench.core.routing_check import check_routing
 from moebench.kinds.parallel.layer import DTYPES, Experts, global_batches, route_shard, shard_inputs
 from moebench.kinds.parallel.placement import make_placement
 from moebench.kinds.parallel.plan import RankPlan, rank_plan, shard_bounds
 from moebench.kinds.parallel.spec import ParallelSpec
 from moebench.routers.registry import ROUTERS
+from moebench.run.runner import exit_reason
 
 PHASES = ("permute", "dispatch", "experts", "combine", "unpermute")
 
@@ -175,33 +177,56 @@ def run_job(job: EngineJob) -> list[dict] | None:
             f"(parallel.timeout_s = {spec.timeout_s:g})") from None
 
 
+def _guarded(fn, *args):
+    """(fn(*args), None), or (None, ("error", reason)) when the router's code raises or calls
+    sys.exit: a router's fault becomes its row on every rank, never the end of a rank (which
+    would cost the other routers of the case their rows). Ctrl-C still propagates."""
+    try:
+        return fn(*args), None
+    except SystemExit as exc:
+        return None, ("error", exit_reason(exc))
+    except Exception as exc:  # noqa: BLE001
+        return None, ("error", f"{type(exc).__name__}: {exc}".strip())
+
+
+def _create(named, case):
+    router = ROUTERS.create(named.name, named.params)
+    reason = router.applicable(case.top_k, case.experts)
+    return router, (("skipped", reason) if reason else None)
+
+
+def _route_checked(router, local, case, rank, b, state, named):
+    """The shard's Routing, checked (moebench.core.routing_check) before the plan, the
+    placement or any kernel reads its indices; Soft MoE is a skip."""
+    routing = check_routing(route_shard(router, local, case, rank, b, state), named.display)
+    if routing.soft is not None:
+        return routing, ("skipped", "Soft MoE mixes tokens into slots; it has no token-to-expert assignments to dispatch")
+    return routing, None
+
+
 def _run_router(job, named, batches, lo, hi, rank, world, device, backend, armed) -> dict | None:
     case, spec = job.case, job.spec
-    problem, router = None, None
-    try:
-        router = ROUTERS.create(named.name, named.params)
-        reason = router.applicable(case.top_k, case.experts)
-        problem = ("skipped", reason) if reason else None
-    except Exception as exc:  # noqa: BLE001 (a router's fault becomes its row)
-        problem = ("error", f"{type(exc).__name__}: {exc}")
+    made, problem = _guarded(_create, named, case)
+    router = state = None
+    if made:
+        router, problem = made
+    if problem is None:
+        state, problem = _guarded(router.init_state, case.experts, torch.device(device))
     agreed = _agree(problem)
     if agreed:  # the same on every rank: skipped (not applicable) or error
-        return {"router": named, "status": agreed[1], "reason": agreed[2]} if rank == 0 else None
+        r, status, reason = agreed
+        reason = reason if status == "skipped" else f"rank {r}: {reason}"
+        return {"router": named, "status": status, "reason": reason} if rank == 0 else None
     experts = Experts(spec.experts, case.hidden, spec.ffn_hidden, case.seed, DTYPES[case.dtype], device)
     clock = _Clock(device)
-    state = router.init_state(case.experts, torch.device(device))
     history = None
     per_batch = []
     for b, inputs in enumerate(batches):
         local = shard_inputs(inputs, lo, hi)
-        problem, routing = None, None
-        try:
-            routing = route_shard(router, local, case, rank, b, state)
-            if routing.soft is not None:
-                problem = ("skipped", "Soft MoE mixes tokens into slots; it has no token-to-expert "
-                           "assignments to dispatch")
-        except Exception as exc:  # noqa: BLE001
-            problem = ("error", f"{type(exc).__name__}: {exc}")
+        made, problem = _guarded(_route_checked, router, local, case, rank, b, state, named)
+        routing = None
+        if made:
+            routing, problem = made
         agreed = _agree(problem)
         if agreed:
             r, status, reason = agreed
@@ -239,7 +264,10 @@ def _run_router(job, named, batches, lo, hi, rank, world, device, backend, armed
         dist.gather_object(mine, gathered, dst=0)
         if rank == 0:
             per_batch.append(gathered)
-        router.update_state(state, routing)
+        agreed = _agree(_guarded(router.update_state, state, routing)[1])
+        if agreed:
+            return {"router": named, "status": "error", "reason": f"rank {agreed[0]}, batch {b}: {agreed[2]}"} \
+                if rank == 0 else None
     if rank != 0:
         return None
     return {"router": named, "status": "ok", "reason": None, "batches": per_batch, "backend": backend,

@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 import torch
 
 from moebench.core.case import Case
+from moebench.core.routing_check import check_routing
 from moebench.core.metrics import expert_loads, mean_over_batches, routing_metrics
 from moebench.kinds.parallel import costmodel
 from moebench.kinds.parallel.layer import concat_routings, global_batches, route_shard
@@ -26,7 +27,7 @@ from moebench.kinds.parallel.placement import Placement, contiguous, make_placem
 from moebench.kinds.parallel.plan import rank_plan, shard_bounds
 from moebench.kinds.parallel.spec import ELEMENT_BYTES, ParallelSpec
 from moebench.routers.registry import ROUTERS
-from moebench.run.runner import RowResult
+from moebench.run.runner import RowResult, exit_reason
 
 BYTE_MATRIX_MAX_EP = 64  # larger matrices are left out of rows (an EP-1024 matrix has 1M entries)
 
@@ -77,8 +78,15 @@ def engine_rows(case: Case, spec: ParallelSpec, routers, base: dict, threads=Non
     try:
         records = launch(job)
     except LaunchFailure as exc:
-        for named in routers:
-            yield RowResult({**_row(base, named), "status": "error", "reason": f"LaunchFailure: {exc}"}, [])
+        if len(routers) == 1:
+            yield _error_row(base, routers[0], f"LaunchFailure: {exc}")
+            return
+        # a rank died (a router that segfaults or kills its process, a hang): relaunch each
+        # router alone, so that only the one at fault loses its row (the fault test hook stays
+        # with the router it was armed for, the first)
+        for i, named in enumerate(routers):
+            yield from engine_rows(case, spec, [named], base, threads, warmup, rounds, fault if i == 0 else None,
+                                   keep_outputs, records_out)
         return
     if records_out is not None:
         records_out.extend(records)
@@ -86,10 +94,18 @@ def engine_rows(case: Case, spec: ParallelSpec, routers, base: dict, threads=Non
         yield engine_row(case, spec, record, base)
 
 
+def _error_row(base: dict, named, reason: str) -> RowResult:
+    """An error row of a parallel case: ``redo_on_resume`` makes ``--resume`` run it again
+    (moebench.store.runs.RunDir.finished_keys), since a dead rank or a timeout may not recur."""
+    return RowResult({**_row(base, named), "status": "error", "reason": reason, "redo_on_resume": True}, [])
+
+
 def engine_row(case: Case, spec: ParallelSpec, record: dict, base: dict) -> RowResult:
     """The RowResult of one router's record from rank 0 (see the module docstring)."""
     named = record["router"]
     row = _row(base, named)
+    if record["status"] == "error":
+        return _error_row(base, named, record["reason"])
     if record["status"] != "ok":
         row.update(status=record["status"], reason=record["reason"])
         return RowResult(row, [])
@@ -162,9 +178,10 @@ def model_rows(case: Case, spec: ParallelSpec, routers, base: dict) -> Iterator[
             if batches is None:
                 batches = global_batches(case, "cpu")
             yield _model_row(case, spec, named, batches, row)
+        except SystemExit as exc:  # a router's sys.exit must not end the run (Ctrl-C still does)
+            yield _error_row(base, named, exit_reason(exc))
         except Exception as exc:  # noqa: BLE001 (a fault becomes an error row; the run goes on)
-            row.update(status="error", reason=f"{type(exc).__name__}: {exc}".strip())
-            yield RowResult(row, [])
+            yield _error_row(base, named, f"{type(exc).__name__}: {exc}".strip())
 
 
 def model_matrix(routing, placement: Placement, tokens: int) -> torch.Tensor:
@@ -187,7 +204,8 @@ def _model_row(case: Case, spec: ParallelSpec, named, batches, row: dict) -> Row
     state = router.init_state(case.experts, torch.device("cpu"))
     history, per_batch, routing, first_loads = None, [], None, None
     for b, inputs in enumerate(batches):
-        routing = route_shard(router, inputs, case, 0, b, state)  # the global batch, one shard
+        # the global batch, one shard; checked before the placement reads its indices
+        routing = check_routing(route_shard(router, inputs, case, 0, b, state), named.display)
         if routing.soft is not None:
             row.update(status="skipped", reason="Soft MoE has no token-to-expert assignments to dispatch")
             return RowResult(row, [])

@@ -1,0 +1,158 @@
+"""#23: in a `parallel:` case one faulty router costs only its own row.
+
+The faulty routers are a plugin (an entry point on PYTHONPATH, written here as a dist-info
+folder, no pip needed) so that the spawned ranks load them as a user's plugin would. Each run
+is one CLI subprocess on 2 gloo ranks (a few seconds per launch). ``FAULTY_OFF=1`` makes the
+plugin healthy, which is how the resume test shows that error rows are run again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PLUGIN = '''
+"""Routers that break the Routing contract, exit or kill their process (tests only)."""
+import os
+import signal
+import sys
+from dataclasses import dataclass, replace
+
+import torch
+
+from moebench.routers import TokenChoiceRouter, register
+
+
+class _Faulty(TokenChoiceRouter):
+    def good(self, inputs, ctx):
+        probs = torch.softmax(inputs.logits.float(), dim=-1)
+        top = torch.topk(probs, ctx.top_k, dim=-1)
+        return self.finish(top.indices, top.values, probs, inputs.logits.float(), ctx)
+
+    def route(self, inputs, ctx):
+        routing = self.good(inputs, ctx)
+        return routing if os.environ.get("FAULTY_OFF") else self.fault(routing)
+
+
+@register("bad_ids")
+@dataclass(frozen=True)
+class BadIds(_Faulty):
+    paper = "test"
+
+    def fault(self, routing):
+        return replace(routing, expert_index=routing.expert_index + 1000)
+
+
+@register("nan_weights")
+@dataclass(frozen=True)
+class NanWeights(_Faulty):
+    paper = "test"
+
+    def fault(self, routing):
+        return replace(routing, weight=torch.full_like(routing.weight, float("nan")))
+
+
+@register("exits")
+@dataclass(frozen=True)
+class Exits(_Faulty):
+    paper = "test"
+
+    def fault(self, routing):
+        sys.exit(3)
+
+
+@register("segfaults")
+@dataclass(frozen=True)
+class Segfaults(_Faulty):
+    paper = "test"
+
+    def fault(self, routing):
+        os.kill(os.getpid(), signal.SIGSEGV)
+'''
+
+SUITE = """
+name: pfaults
+version: 1
+grid: {workload: uniform, tokens: 64, experts: 4, top_k: 2, hidden: 8}
+routers: [bad_ids, topk, nan_weights, exits, segfaults]
+parallel: {ep: 2, experts: identity, timeout_s: 30}
+timing: {enabled: false}
+"""
+
+
+@pytest.fixture(scope="module")
+def plugin(tmp_path_factory) -> Path:
+    site = tmp_path_factory.mktemp("faulty_site")
+    (site / "moebench_faulty_routers.py").write_text(PLUGIN)
+    info = site / "moebench_faulty_routers-0.0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: moebench-faulty-routers\nVersion: 0.0.1\n")
+    (info / "entry_points.txt").write_text("[moebench.routers]\nfaulty = moebench_faulty_routers\n")
+    return site
+
+
+def moebench(args, plugin: Path, cwd: Path, **env) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "MOEBENCH"))}
+    full.update(PYTHONPATH=os.pathsep.join([str(plugin), str(ROOT)]), **env)
+    return subprocess.run([sys.executable, "-m", "moebench", *args], capture_output=True, text=True, env=full,
+                          cwd=cwd, timeout=420)
+
+
+def rows_of(run: Path) -> dict[str, dict]:
+    rows = [json.loads(line) for line in (run / "rows.jsonl").read_text().splitlines() if line.strip()]
+    return {r["router"]: r for r in rows}  # the last row of each router wins, as RunDir.rows does
+
+
+def test_faulty_routers_cost_only_their_own_rows_and_resume_redoes_them(plugin, tmp_path):
+    (tmp_path / "s.yaml").write_text(SUITE)
+    done = moebench(["run", "s.yaml", "--results", "r", "--no-report"], plugin, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    (run,) = (tmp_path / "r" / "pfaults").iterdir()
+    rows = rows_of(run)
+    status = {k: r["status"] for k, r in rows.items()}
+    assert status == {"topk": "ok", "bad_ids": "error", "nan_weights": "error",
+                      "exits": "error", "segfaults": "error"}, {k: r["reason"] for k, r in rows.items()}
+    assert "InvalidRouting" in rows["bad_ids"]["reason"] and "expert_index" in rows["bad_ids"]["reason"]
+    assert "InvalidRouting" in rows["nan_weights"]["reason"] and "weight" in rows["nan_weights"]["reason"]
+    assert "sys.exit(3)" in rows["exits"]["reason"]
+    assert "signal" in rows["segfaults"]["reason"] or "SIGSEGV" in rows["segfaults"]["reason"]
+    assert rows["topk"]["tokens_conserved"] and rows["topk"]["exchange_matches_routing"]
+    # --resume runs the error rows again (here the plugin is healthy by then) and keeps the ok ones
+    before = rows["topk"]
+    again = moebench(["run", "s.yaml", "--results", "r", "--no-report", "--resume", str(run)], plugin, tmp_path,
+                     FAULTY_OFF="1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    rows = rows_of(run)
+    assert {k: r["status"] for k, r in rows.items()} == dict.fromkeys(status, "ok")
+    assert rows["topk"] == before  # not run again
+    lines = (run / "rows.jsonl").read_text().splitlines()
+    assert len(lines) == 5 + 4
+
+
+MODEL_SUITE = """
+name: mfaults
+version: 1
+grid: {workload: uniform, tokens: 64, experts: 4, top_k: 1, hidden: 8}
+routers: [topk, exits, bad_ids, nan_weights, switch]
+parallel: {mode: model, ep: [2, 4], profile: h800_deepep}
+"""
+
+
+def test_cost_model_suite_turns_exit_and_bad_routings_into_error_rows(plugin, tmp_path):
+    (tmp_path / "m.yaml").write_text(MODEL_SUITE)
+    done = moebench(["run", "m.yaml", "--results", "r", "--no-report"], plugin, tmp_path)
+    assert done.returncode == 0, (done.returncode, done.stderr[-3000:])
+    (run,) = (tmp_path / "r" / "mfaults").iterdir()
+    rows = rows_of(run)
+    assert {k: r["status"] for k, r in rows.items()} == {
+        "topk": "ok", "switch": "ok", "exits": "error", "bad_ids": "error", "nan_weights": "error"}
+    assert rows["exits"]["reason"] == "exited: the router called sys.exit(3)"
+    assert "InvalidRouting" in rows["bad_ids"]["reason"] and "InvalidRouting" in rows["nan_weights"]["reason"]
