@@ -25,7 +25,7 @@ from moebench.core.metrics import routing_metrics
 from moebench.routers.base import RouteContext, Router
 from moebench.routers.registry import ROUTERS
 from moebench.routers.soft_moe import SoftMoE, make_phi
-from moebench.run.runner import RowResult
+from moebench.run.runner import RowResult, exit_reason
 from moebench.kinds.train import measures
 from moebench.kinds.train.aggregate import final_row
 from moebench.kinds.train.layer import MoELayer, aux_loss, competitive_loss, learns, trainable, z_loss
@@ -326,6 +326,11 @@ def train_router(case: Case, spec: TrainSpec, router_spec: NamedSpec, row: dict)
         return TrainRowResult(row, [])
     except CannotLearn as exc:
         row.update(status="skipped", reason=f"cannot learn: {exc}")
+        return TrainRowResult(row, [])
+    except SystemExit as exc:  # a plugin's sys.exit must not end the run (Ctrl-C still does)
+        frames = traceback.extract_tb(exc.__traceback__)
+        row.update(status="error", reason=exit_reason(exc),
+                   error_at=f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "")
         return TrainRowResult(row, [])
     except Exception as exc:  # any fault is recorded; the run goes on
         frames = traceback.extract_tb(exc.__traceback__)
