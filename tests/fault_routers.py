@@ -35,12 +35,28 @@ class _TopK(TokenChoiceRouter):
 
 @dataclass(frozen=True)
 class Segfaults(_TopK):
-    """Feeds an out-of-range expert index straight into a numba kernel (no bounds checks):
-    the write lands ~8 TB past the array, SIGSEGV."""
+    """Reads address 0 (SIGSEGV). (It fed an out-of-range expert into a numba kernel, which
+    now bound-checks: moebench.core.kernels.ExpertOutOfRange.)"""
 
     def route(self, inputs, ctx):
-        kernels.keep_position(torch.tensor([0, 1 << 40, 1]), 1, inputs.logits.shape[1])
+        import ctypes
+
+        ctypes.string_at(0)
         return self.good(inputs, ctx)
+
+
+@dataclass(frozen=True)
+class OffsetIds(_TopK):
+    """Passes experts + offset to `finish` (numba path): the capacity pass must refuse them
+    before writing at them (#23)."""
+
+    offset: int = 10
+
+    def route(self, inputs, ctx):
+        logits = inputs.logits.float()
+        probs = torch.softmax(logits, dim=-1)
+        top = torch.topk(probs, ctx.top_k, dim=-1)
+        return self.finish(top.indices + self.offset, top.values, probs, logits, ctx)
 
 
 @dataclass(frozen=True)
@@ -106,4 +122,5 @@ FAULT_ROUTERS = {
     "fault_shape": WrongShape,
     "fault_range": OutOfRange,
     "fault_nan": NanWeights,
+    "fault_offset": OffsetIds,
 }

@@ -16,6 +16,7 @@ import torch
 from moebench.core import kernels
 from moebench.core.drop_policies import fast_keep, get_drop_policy, keep_within_capacity, ranked_by
 from moebench.core.routing import Routing
+from moebench.core.routing_check import InvalidRouting
 
 
 # `Router.capturable_phases` of a router whose every timed phase can be captured.
@@ -85,6 +86,8 @@ class Router:
     fixed_top_k: ClassVar[int | None] = None
     capturable_phases: ClassVar[frozenset[str]] = frozenset({"dispatch", "combine"})
     capture_reason: ClassVar[str] = "its route has no static-shape, sync-free form in moebench.run.capture"
+    baseline: ClassVar[bool] = False  # a reference point (reports show it, never rank it best)
+    case_notes: ClassVar[dict[str, str]] = {}  # condition (dropless, capacity, single_batch, always) -> note
 
     def applicable(self, top_k: int, num_experts: int) -> str | None:
         """None if the router can run at this shape, else the reason it is skipped."""
@@ -177,7 +180,25 @@ class TokenChoiceRouter(Router):
         # (then .t() is free); else stack columns (~6x faster than .t().contiguous()).
         expert_kt = _rank_major(expert)
         weight_kt = _rank_major(weight.float())
-        device = expert.device
+        try:
+            if (priority_scores is None and active is None and not self.renormalize_after_drop
+                    and expert_kt.dtype == torch.int64
+                    and (ctx.capacity is None or fast_keep(ctx.drop_policy) is not None)
+                    and kernels.use_numba(self.impl, expert_kt, weight_kt)):
+                # one serial kernel builds token, choice and kept (capacity fused, ids bound-checked)
+                token, choice, kept = kernels.assignments(expert_kt, ctx.capacity, probs.shape[1], ctx.drop_policy,
+                                                          weight_kt)
+                return Routing(token_index=token, expert_index=expert_kt.reshape(-1), choice=choice,
+                               weight=weight_kt.reshape(-1), kept=kept, probs=probs, logits=logits, top_k=k,
+                               capacity=ctx.capacity)
+            return self._finish_general(expert_kt, weight_kt, probs, logits, ctx, priority_scores, active, scores)
+        except kernels.ExpertOutOfRange as exc:  # a plugin's ids, stopped before any kernel wrote with them
+            raise InvalidRouting(f"router {self.name!r}: {exc}") from None
+
+    def _finish_general(self, expert_kt, weight_kt, probs, logits, ctx, priority_scores, active, scores) -> Routing:
+        """`finish` for every case (any policy, active choices, renormalisation, torch tensors)."""
+        k, t = expert_kt.shape
+        device = expert_kt.device
         token_kt = torch.arange(t, device=device).expand(k, t)
         choice_kt = torch.arange(k, device=device)[:, None].expand(k, t)
         keep_kernel = fast_keep(ctx.drop_policy) if priority_scores is None else None

@@ -125,6 +125,28 @@ def _kernels(work: int):
     return mod
 
 
+def _serial():
+    """The kernel module, for a kernel that runs on the calling thread (numba's thread count is
+    left as it is: setting it costs ~1.5 us, a tenth of a decode-size route)."""
+    mod = _load()
+    if mod is None:
+        raise RuntimeError(f"numba is not importable ({_numba_error})")
+    return mod
+
+
+class ExpertOutOfRange(IndexError):
+    """Assignments name an expert outside [0, E) (a plugin router's bad ids): found by the
+    kernels' bound check before anything is written at such an index."""
+
+
+def _out_of_range(expert: torch.Tensor, num_experts: int) -> ExpertOutOfRange:
+    lo, hi = (int(v) for v in torch.aminmax(expert.reshape(-1)))
+    return ExpertOutOfRange(f"expert_index out of range [0, {num_experts}): min {lo}, max {hi}")
+
+
+_ZEROS: dict[int, np.ndarray] = {}  # the no-bias bias of each E (read only)
+
+
 def _np(x: torch.Tensor):
     """A numpy view of a CPU tensor (contiguous copy when needed)."""
     return x.detach().contiguous().numpy()
@@ -141,7 +163,8 @@ def topk_select(scores: torch.Tensor, k: int, bias: torch.Tensor | None = None, 
     the layout `TokenChoiceRouter.finish` consumes, so it needs no copy.
     """
     t, e = scores.shape
-    mod = _kernels(t * e)
+    parallel = t * e >= PARALLEL_MIN_WORK
+    mod = _kernels(t * e) if parallel else _serial()
     if not 1 <= k <= e:
         raise ValueError(f"top_k must be in [1, {e}], got {k}")
     expert = torch.empty(k, t, dtype=torch.int64)
@@ -149,12 +172,19 @@ def topk_select(scores: torch.Tensor, k: int, bias: torch.Tensor | None = None, 
     if t == 0:
         return expert.t(), weight.t()
     has_bias = bias is not None
-    b = _np(bias.float()) if has_bias else _np(torch.zeros(e))
+    if has_bias:
+        b = _np(bias.float())
+    else:
+        b = _ZEROS.get(e)
+        if b is None:
+            b = _ZEROS[e] = np.zeros(e, np.float32)
     s = _np(scores)
     if k <= 8:  # k SIMD max reductions over packed (score, -index) keys
-        mod.topk_select_packed(s, s.view(np.int32), b, has_bias, k, normalize, expert.numpy(), weight.numpy())
+        fn = mod.topk_select_packed if parallel else mod.topk_select_packed_serial
+        fn(s, s.view(np.int32), b, has_bias, k, normalize, expert.numpy(), weight.numpy())
     else:  # one insertion pass per row: fewer operations once k is large
-        mod.topk_select_insertion(s, b, has_bias, k, normalize, expert.numpy(), weight.numpy())
+        fn = mod.topk_select_insertion if parallel else mod.topk_select_insertion_serial
+        fn(s, b, has_bias, k, normalize, expert.numpy(), weight.numpy())
     return expert.t(), weight.t()
 
 
@@ -171,24 +201,59 @@ PARALLEL_CAPACITY_MIN_WORK = 1 << 19
 
 def keep_position(expert: torch.Tensor, capacity: int, num_experts: int) -> torch.Tensor:
     """<bool>[A]: `keep_within_capacity(expert, position_priority(...), capacity, E)` for the
-    flat rank-major assignments expert <int64>[A] (priority = index)."""
-    mod = _kernels(expert.numel())
+    flat rank-major assignments expert <int64>[A] (priority = index).
+    Raises ExpertOutOfRange for an expert outside [0, E) (bound-checked in the kernel's pass)."""
+    parallel = _parallel_pays(expert.numel())
+    mod = _kernels(expert.numel()) if parallel else _serial()
     kept = torch.empty(expert.numel(), dtype=torch.bool)
     if expert.numel():
-        fn = mod.keep_position if _parallel_pays(expert.numel()) else mod.keep_position_serial
-        fn(_np(expert.reshape(-1)), int(capacity), int(num_experts), kept.numpy())
+        fn = mod.keep_position if parallel else mod.keep_position_serial
+        if fn(_np(expert.reshape(-1)), int(capacity), int(num_experts), kept.numpy()):
+            raise _out_of_range(expert, num_experts)
     return kept
 
 
 def keep_by_score(expert: torch.Tensor, score: torch.Tensor, capacity: int, num_experts: int) -> torch.Tensor:
     """<bool>[A]: `keep_within_capacity(expert, probs_priority(score), capacity, E)`: per expert
-    the ``capacity`` highest scores, ties -> lower index. score <float32>[A], NaN-free."""
-    mod = _kernels(expert.numel())
+    the ``capacity`` highest scores, ties -> lower index. score <float32>[A], NaN-free.
+    Raises ExpertOutOfRange for an expert outside [0, E)."""
+    parallel = _parallel_pays(expert.numel())
+    mod = _kernels(expert.numel()) if parallel else _serial()
     kept = torch.empty(expert.numel(), dtype=torch.bool)
     if expert.numel():
-        fn = mod.keep_by_score if _parallel_pays(expert.numel()) else mod.keep_by_score_serial
-        fn(_np(expert.reshape(-1)), _np(score.reshape(-1).float()), int(capacity), int(num_experts), kept.numpy())
+        fn = mod.keep_by_score if parallel else mod.keep_by_score_serial
+        if fn(_np(expert.reshape(-1)), _np(score.reshape(-1).float()), int(capacity), int(num_experts), kept.numpy()):
+            raise _out_of_range(expert, num_experts)
     return kept
+
+
+def assignments(expert_kt: torch.Tensor, capacity: int | None, num_experts: int, policy: str,
+                weight_kt: torch.Tensor | None = None):
+    """(token <int64>[A], choice <int64>[A], kept <bool>[A]) of a token-choice Routing, A = k*T,
+    for rank-major experts expert_kt <int64>[k, T] (contiguous): token[j*T + t] = t, choice = j,
+    kept = the `position` policy's (``policy`` "position"), the `probs` policy's by weight_kt
+    <float32>[k, T] ("probs"), or all (capacity None). One serial pass (the `position`
+    capacity fused into it) instead of ~10 torch ops: the decode-size floor.
+    Raises ExpertOutOfRange for an expert outside [0, E), before anything indexes with it."""
+    mod = _serial()
+    from moebench.core.kernels import _numba_small
+
+    a = expert_kt.numel()
+    token = torch.empty(a, dtype=torch.int64)
+    choice = torch.empty(a, dtype=torch.int64)
+    kept = torch.empty(a, dtype=torch.bool)
+    parallel = _parallel_pays(a)  # many threads and much work: the parallel capacity kernels
+    cap = -1 if capacity is None or policy != "position" or parallel else int(capacity)
+    if a and _numba_small.assignments(expert_kt.numpy(), cap, int(num_experts), token.numpy(), choice.numpy(),
+                                      kept.numpy()):
+        raise _out_of_range(expert_kt, num_experts)
+    if capacity is not None and parallel:
+        kept = (keep_position(expert_kt, capacity, num_experts) if policy == "position"
+                else keep_by_score(expert_kt, weight_kt, capacity, num_experts))
+    elif capacity is not None and policy == "probs" and a:
+        mod.keep_by_score_serial(expert_kt.numpy().reshape(-1), _np(weight_kt.reshape(-1)), int(capacity),
+                                 int(num_experts), kept.numpy())
+    return token, choice, kept
 
 
 def _dispatch_kernels(work: int):

@@ -37,6 +37,37 @@ def _normalize_column(weight, t):
         weight[j, t] = weight[j, t] / total
 
 
+@njit(inline="always", **_OPTS)
+def _packed_rows(scores, bits, bias, has_bias, k, normalize, expert, weight, lo, hi, buf, packed):
+    """Rows lo..hi of `topk_select_packed` (buf <f32>[E], packed <i64>[E]: scratch)."""
+    e_total = scores.shape[1]
+    last = np.int64(e_total - 1)
+    biased = buf.view(np.int32)
+    for t in range(lo, hi):
+        if has_bias:
+            for e in range(e_total):
+                buf[e] = scores[t, e] + bias[e]
+            for e in range(e_total):
+                i = biased[e]
+                key = (i ^ ((i >> np.int32(31)) & np.int32(0x7FFFFFFF))) + np.int32(i == _NEG_ZERO_BITS)
+                packed[e] = (np.int64(key) << np.int64(32)) | (last - e)
+        else:
+            for e in range(e_total):
+                i = bits[t, e]
+                key = (i ^ ((i >> np.int32(31)) & np.int32(0x7FFFFFFF))) + np.int32(i == _NEG_ZERO_BITS)
+                packed[e] = (np.int64(key) << np.int64(32)) | (last - e)
+        for j in range(k):
+            best = _GONE
+            for e in range(e_total):
+                best = max(best, packed[e])
+            first = last - (best & np.int64(0xFFFFFFFF))
+            packed[first] = _GONE
+            expert[j, t] = first
+            weight[j, t] = scores[t, first]
+        if normalize:
+            _normalize_column(weight, t)
+
+
 @njit(parallel=True, **_OPTS)
 def topk_select_packed(scores, bits, bias, has_bias, k, normalize, expert, weight):
     """Per row of scores <f32>[T, E]: the k largest (scores + bias), descending, ties -> lowest
@@ -51,76 +82,72 @@ def topk_select_packed(scores, bits, bias, has_bias, k, normalize, expert, weigh
     """
     t_total, e_total = scores.shape
     nblocks = (t_total + TOKEN_BLOCK - 1) // TOKEN_BLOCK
-    last = np.int64(e_total - 1)
     for b in prange(nblocks):
         buf = np.empty(e_total, np.float32)
-        biased = buf.view(np.int32)
         packed = np.empty(e_total, np.int64)
         lo = b * TOKEN_BLOCK
-        hi = min(t_total, lo + TOKEN_BLOCK)
-        for t in range(lo, hi):
-            if has_bias:
-                for e in range(e_total):
-                    buf[e] = scores[t, e] + bias[e]
-                for e in range(e_total):
-                    i = biased[e]
-                    key = (i ^ ((i >> np.int32(31)) & np.int32(0x7FFFFFFF))) + np.int32(i == _NEG_ZERO_BITS)
-                    packed[e] = (np.int64(key) << np.int64(32)) | (last - e)
-            else:
-                for e in range(e_total):
-                    i = bits[t, e]
-                    key = (i ^ ((i >> np.int32(31)) & np.int32(0x7FFFFFFF))) + np.int32(i == _NEG_ZERO_BITS)
-                    packed[e] = (np.int64(key) << np.int64(32)) | (last - e)
-            for j in range(k):
-                best = _GONE
-                for e in range(e_total):
-                    best = max(best, packed[e])
-                first = last - (best & np.int64(0xFFFFFFFF))
-                packed[first] = _GONE
-                expert[j, t] = first
-                weight[j, t] = scores[t, first]
-            if normalize:
-                _normalize_column(weight, t)
+        _packed_rows(scores, bits, bias, has_bias, k, normalize, expert, weight, lo, min(t_total, lo + TOKEN_BLOCK),
+                     buf, packed)
 
 
-@njit(parallel=True, **_OPTS)
-def topk_select_insertion(scores, bias, has_bias, k, normalize, expert, weight):
-    """What `topk_select_packed` computes, by one insertion pass over E per row (strict > keeps
-    the earlier expert ahead on ties). For many picks (k > 8)."""
-    t_total, e_total = scores.shape
-    nblocks = (t_total + TOKEN_BLOCK - 1) // TOKEN_BLOCK
-    for b in prange(nblocks):
-        vals = np.empty(k, np.float32)
-        idx = np.empty(k, np.int64)
-        lo = b * TOKEN_BLOCK
-        hi = min(t_total, lo + TOKEN_BLOCK)
-        for t in range(lo, hi):
-            for e in range(k):  # the first k fill the list, insertion-sorted
-                v = scores[t, e] + bias[e] if has_bias else scores[t, e]
-                j = e
+@njit(**_OPTS)
+def topk_select_packed_serial(scores, bits, bias, has_bias, k, normalize, expert, weight):
+    """`topk_select_packed` on the calling thread: no parallel launch (small batches)."""
+    e_total = scores.shape[1]
+    _packed_rows(scores, bits, bias, has_bias, k, normalize, expert, weight, 0, scores.shape[0],
+                 np.empty(e_total, np.float32), np.empty(e_total, np.int64))
+
+
+@njit(inline="always", **_OPTS)
+def _insertion_rows(scores, bias, has_bias, k, normalize, expert, weight, lo, hi, vals, idx):
+    """Rows lo..hi of `topk_select_insertion` (vals <f32>[k], idx <i64>[k]: scratch)."""
+    e_total = scores.shape[1]
+    for t in range(lo, hi):
+        for e in range(k):  # the first k fill the list, insertion-sorted
+            v = scores[t, e] + bias[e] if has_bias else scores[t, e]
+            j = e
+            while j > 0 and v > vals[j - 1]:
+                vals[j] = vals[j - 1]
+                idx[j] = idx[j - 1]
+                j -= 1
+            vals[j] = v
+            idx[j] = e
+        last = vals[k - 1]
+        for e in range(k, e_total):
+            v = scores[t, e] + bias[e] if has_bias else scores[t, e]
+            if v > last:
+                j = k - 1
                 while j > 0 and v > vals[j - 1]:
                     vals[j] = vals[j - 1]
                     idx[j] = idx[j - 1]
                     j -= 1
                 vals[j] = v
                 idx[j] = e
-            last = vals[k - 1]
-            for e in range(k, e_total):
-                v = scores[t, e] + bias[e] if has_bias else scores[t, e]
-                if v > last:
-                    j = k - 1
-                    while j > 0 and v > vals[j - 1]:
-                        vals[j] = vals[j - 1]
-                        idx[j] = idx[j - 1]
-                        j -= 1
-                    vals[j] = v
-                    idx[j] = e
-                    last = vals[k - 1]
-            for j in range(k):
-                expert[j, t] = idx[j]
-                weight[j, t] = scores[t, idx[j]]
-            if normalize:
-                _normalize_column(weight, t)
+                last = vals[k - 1]
+        for j in range(k):
+            expert[j, t] = idx[j]
+            weight[j, t] = scores[t, idx[j]]
+        if normalize:
+            _normalize_column(weight, t)
+
+
+@njit(parallel=True, **_OPTS)
+def topk_select_insertion(scores, bias, has_bias, k, normalize, expert, weight):
+    """What `topk_select_packed` computes, by one insertion pass over E per row (strict > keeps
+    the earlier expert ahead on ties). For many picks (k > 8)."""
+    t_total = scores.shape[0]
+    nblocks = (t_total + TOKEN_BLOCK - 1) // TOKEN_BLOCK
+    for b in prange(nblocks):
+        lo = b * TOKEN_BLOCK
+        _insertion_rows(scores, bias, has_bias, k, normalize, expert, weight, lo, min(t_total, lo + TOKEN_BLOCK),
+                        np.empty(k, np.float32), np.empty(k, np.int64))
+
+
+@njit(**_OPTS)
+def topk_select_insertion_serial(scores, bias, has_bias, k, normalize, expert, weight):
+    """`topk_select_insertion` on the calling thread (small batches)."""
+    _insertion_rows(scores, bias, has_bias, k, normalize, expert, weight, 0, scores.shape[0],
+                    np.empty(k, np.float32), np.empty(k, np.int64))
 
 
 @njit(parallel=True, **_OPTS)
@@ -128,32 +155,41 @@ def _block_offsets(expert, select, num_experts):
     """Counting pass of the capacity and dispatch kernels, over blocks of ASSIGN_BLOCK
     assignments (in index order), counting the assignments a with select[a].
 
-    Returns (offset <i64>[B, E], count <i64>[E]): offset[b, e] = selected assignments of expert
-    e in the blocks before b; count[e] = all of them.
+    Returns (offset <i64>[B, E], count <i64>[E], bad): offset[b, e] = selected assignments of
+    expert e in the blocks before b; count[e] = all of them; bad = assignments whose expert is
+    outside [0, E) (then offset and count are not to be used: nothing was written out of bounds).
     """
     a_total = expert.size
     nblocks = max(1, (a_total + ASSIGN_BLOCK - 1) // ASSIGN_BLOCK)
     offset = np.zeros((nblocks, num_experts), np.int64)
+    bad_in = np.zeros(nblocks, np.int64)
     for b in prange(nblocks):
         lo = b * ASSIGN_BLOCK
         hi = min(a_total, lo + ASSIGN_BLOCK)
         for a in range(lo, hi):
-            if select[a]:
-                offset[b, expert[a]] += 1
+            e = expert[a]
+            if e < 0 or e >= num_experts:  # a plugin's bad id: counted, never written
+                bad_in[b] += 1
+            elif select[a]:
+                offset[b, e] += 1
+    bad = bad_in.sum()
     count = np.zeros(num_experts, np.int64)
     for b in range(nblocks):
         for e in range(num_experts):
             c = offset[b, e]
             offset[b, e] = count[e]
             count[e] += c
-    return offset, count
+    return offset, count, bad
 
 
 @njit(parallel=True, **_OPTS)
 def keep_position(expert, capacity, num_experts, kept):
-    """kept[a] = fewer than `capacity` earlier assignments (a' < a) went to expert[a]."""
+    """kept[a] = fewer than `capacity` earlier assignments (a' < a) went to expert[a].
+    Returns the number of experts outside [0, E) (then kept is not written)."""
     a_total = expert.size
-    offset, _ = _block_offsets(expert, np.ones(a_total, np.bool_), num_experts)
+    offset, _, bad = _block_offsets(expert, np.ones(a_total, np.bool_), num_experts)
+    if bad:
+        return bad
     for b in prange(offset.shape[0]):
         seen = offset[b].copy()
         lo = b * ASSIGN_BLOCK
@@ -162,6 +198,7 @@ def keep_position(expert, capacity, num_experts, kept):
             e = expert[a]
             kept[a] = seen[e] < capacity
             seen[e] += 1
+    return 0
 
 
 @njit(parallel=True, **_OPTS)
@@ -171,7 +208,7 @@ def _bucket(expert, select, num_experts):
     Returns (order <i64>[N], start <i64>[E], count <i64>[E]); within an expert, ascending a.
     """
     a_total = expert.size
-    offset, count = _block_offsets(expert, select, num_experts)
+    offset, count, _ = _block_offsets(expert, select, num_experts)  # ids checked by the caller
     start = np.zeros(num_experts, np.int64)
     for e in range(1, num_experts):
         start[e] = start[e - 1] + count[e - 1]
@@ -195,17 +232,21 @@ def keep_by_score(expert, score, capacity, num_experts, kept):
 
     Experts within capacity keep everything; only the assignments of overloaded experts are
     bucketed, and each overloaded expert finds its capacity-th best score by a partition.
+    Returns the number of experts outside [0, E) (then kept is not written).
     """
     a_total = expert.size
-    _, count = _block_offsets(expert, np.ones(a_total, np.bool_), num_experts)
+    _, count, bad = _block_offsets(expert, np.ones(a_total, np.bool_), num_experts)
+    if bad:
+        return bad
     over = count > capacity
     for a in prange(a_total):
         kept[a] = not over[expert[a]]
     if not over.any():
-        return
+        return 0
     order, start, count = _bucket(expert, over[expert], num_experts)
     for e in prange(num_experts):
         _keep_best(order[start[e]:start[e] + count[e]], score, capacity, kept)
+    return 0
 
 
 @njit(**_OPTS)
@@ -235,12 +276,19 @@ def _keep_best(members, score, capacity, kept):
 
 @njit(**_OPTS)
 def keep_position_serial(expert, capacity, num_experts, kept):
-    """`keep_position` in one pass on the calling thread (no launch cost: ~1 ns/assignment)."""
+    """`keep_position` in one pass on the calling thread (no launch cost: ~1 ns/assignment).
+    Returns the number of experts outside [0, E): those are not kept and never index anything."""
     seen = np.zeros(num_experts, np.int64)
+    bad = 0
     for a in range(expert.size):
         e = expert[a]
+        if e < 0 or e >= num_experts:  # one compare, predicted not taken: the bound check is free
+            kept[a] = False
+            bad += 1
+            continue
         kept[a] = seen[e] < capacity
         seen[e] += 1
+    return bad
 
 
 # Bins of the radix pass of `keep_by_score_serial`: the top bits of an order-preserving key.
@@ -269,14 +317,21 @@ def keep_by_score_serial(expert, score, capacity, num_experts, kept):
     """
     a_total = expert.size
     count = np.zeros(num_experts, np.int64)
+    bad = 0
     for a in range(a_total):
-        count[expert[a]] += 1
+        e = expert[a]
+        if e < 0 or e >= num_experts:
+            bad += 1
+        else:
+            count[e] += 1
+    if bad:
+        return bad  # kept is not written
     n_over = 0
     for e in range(num_experts):
         n_over += count[e] > capacity
     if n_over == 0:
         kept[:] = True
-        return
+        return 0
     slot = np.full(num_experts, n_over, np.int64)  # histogram row; n_over = the shared row
     r = 0
     for e in range(num_experts):
@@ -317,3 +372,4 @@ def keep_by_score_serial(expert, score, capacity, num_experts, kept):
             for b in range(cut[r]):
                 above -= hist[r, b]
             _keep_best(members[start[r]:start[r + 1]], score, capacity - above, kept)
+    return 0
