@@ -191,10 +191,18 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from moebench.compare.export import export_run
+    from moebench.compare.export import export_run, export_runs_asv
 
+    if args.format == "asv":  # a results folder for `asv publish`, from one or more runs
+        if not args.out:
+            raise MoebenchError("--format asv: --out DIR is required (asv's results_dir)")
+        count = export_runs_asv(args.run, args.out, args.machine)
+        print(f"asv: {args.out} ({count} results files; then: asv publish)")
+        return 0
+    if len(args.run) != 1:
+        raise MoebenchError(f"--format {args.format}: exports one run, got {len(args.run)}")
     _check_output(args.out, "--out", make_parents=True)
-    text, count = export_run(args.run, args.format, args.out)
+    text, count = export_run(args.run[0], args.format, args.out, with_timings=args.with_timings)
     if args.out:
         print(f"{args.format}: {args.out} ({count} {'rows' if args.format == 'baseline' else 'benchmarks'})")
     else:
@@ -278,10 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--json", metavar="FILE", help="write the full per-row, per-metric comparison")
     cmp.set_defaults(fn=_cmd_compare)
 
-    export = sub.add_parser("export", help="export a run as a baseline or pytest-benchmark JSON")
-    export.add_argument("run", metavar="RUN_DIR")
-    export.add_argument("--format", choices=("baseline", "pytest-benchmark"), default="baseline")
-    export.add_argument("--out", metavar="FILE", help="write here (default: stdout)")
+    export = sub.add_parser("export", help="export a run as a baseline, pytest-benchmark JSON or asv results")
+    export.add_argument("run", metavar="RUN_DIR", nargs="+", help="the run (asv: one or more runs)")
+    export.add_argument("--format", choices=("baseline", "pytest-benchmark", "asv"), default="baseline")
+    export.add_argument("--out", metavar="FILE", help="write here (default: stdout; asv: the results folder)")
+    export.add_argument("--with-timings", action="store_true",
+                        help="baseline: keep times, run ids and machine details (default: only what the code decides)")
+    export.add_argument("--machine", metavar="NAME", help="asv: the machine name (default: the run's hostname)")
     export.set_defaults(fn=_cmd_export)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of suite files")

@@ -41,9 +41,35 @@ def test_baseline_is_ok_rows_sorted_and_stable(run_with_skip, tmp_path, capsys):
     doc = json.loads(first)
     keys = [(r["case_id"], r["router"]) for r in doc["rows"]]
     assert keys == sorted(keys) and len(keys) == 4 and all(r["status"] == "ok" for r in doc["rows"])
-    assert doc["meta"]["run_id"] == "base" and doc["format"] == "moebench-baseline"
+    assert doc["format"] == "moebench-baseline" and doc["meta"]["timings_included"] is False
     meta, rows = load_side(out)
     assert meta == doc["meta"] and rows == doc["rows"]
+
+
+def test_baseline_keeps_no_timings_or_run_ids_unless_asked(tmp_path, capsys):
+    # `base` and `same` are two runs of the same code: other times, other run ids
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert main(["export", str(RUNS / "base"), "--out", str(a)]) == 0
+    assert main(["export", str(RUNS / "same"), "--out", str(b)]) == 0
+    assert a.read_bytes() == b.read_bytes()  # a refresh with unchanged code rewrites nothing
+    doc = json.loads(a.read_text())
+    columns = set().union(*doc["rows"])
+    assert not [c for c in columns if c.endswith("_ms") or c.endswith("_bytes") or c.endswith(".tokens_per_s")]
+    assert "run_id" not in columns and {"imbalance", "drop_rate", "case_id", "router", "threads"} <= columns
+    assert not {"run_id", "started_at", "reference", "command"} & set(doc["meta"])
+    assert set(doc["meta"]["environment"]) <= {"moebench", "torch", "numpy", "python"}
+    # --with-timings keeps everything
+    full = tmp_path / "full.json"
+    assert main(["export", str(RUNS / "base"), "--with-timings", "--out", str(full)]) == 0
+    kept = json.loads(full.read_text())
+    assert kept["meta"]["run_id"] == "base" and kept["meta"]["timings_included"] is True
+    assert kept["rows"][0]["route.median_ms"] > 0 and kept["rows"][0]["run_id"] == "base"
+    # compare reads a timing-less baseline: deterministic metrics only, said in a note
+    capsys.readouterr()
+    assert main(["compare", str(a), str(RUNS / "slow_apart")]) == 0
+    assert "A carries no timings" in capsys.readouterr().out
+    assert main(["compare", str(a), str(RUNS / "det_worse")]) == 1
+    assert main(["compare", str(full), str(RUNS / "slow_apart")]) == 1
 
 
 def test_export_to_stdout_and_bad_format(capsys):

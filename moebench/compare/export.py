@@ -2,7 +2,12 @@
 
 - ``baseline``: ``{"format": "moebench-baseline", "meta": meta, "rows": ok rows}``, rows sorted
   by (case_id, router), keys sorted, two-space indent, so re-exporting gives the same bytes and
-  diffs stay readable. `moebench compare` reads it like a run folder.
+  diffs stay readable. `moebench compare` reads it like a run folder. By default it keeps what
+  the code decides and drops what the moment decides: no measured columns (times, memory,
+  measured ratios), no run ids, dates, command line, machine or git state; so a refresh with
+  unchanged code rewrites nothing and a diff shows exactly which metrics moved.
+  ``with_timings=True`` keeps everything (meta ``timings_included`` says which it is).
+- ``asv``: asv's results folder (`moebench.compare.asv_results`), for `asv publish`.
 - ``pytest-benchmark``: the ``--benchmark-json`` / ``--benchmark-save`` format of pytest-benchmark
   (machine_info, commit_info, benchmarks, datetime, version), one benchmark per ok row x timed
   phase, times in seconds, so ``pytest-benchmark compare`` and tools built on it read our runs.
@@ -18,11 +23,14 @@ from pathlib import Path
 
 from moebench.core.case import case_axes
 from moebench.core.errors import MoebenchError
-from moebench.core.metrics import METRICS, PHASES
+from moebench.core.metrics import METRICS, PHASES, metric
 from moebench.core.paths import write_output
 from moebench.store.runs import load_run
 
-FORMATS = ("baseline", "pytest-benchmark")
+FORMATS = ("baseline", "pytest-benchmark", "asv")
+# meta keys a baseline keeps without timings: what the suite and the code decide (docs/ci.md)
+BASELINE_META = ("suite", "suite_path", "suite_sha256", "suite_version", "description", "quick", "cases",
+                 "routers", "seeds", "devices", "device_option", "timing", "status", "moebench_version")
 BASELINE_FORMAT = "moebench-baseline"
 # Written into `version` when pytest-benchmark is not installed (the schema of the 4.x/5.x line).
 PYTEST_BENCHMARK_FALLBACK_VERSION = "5.1.0"
@@ -34,9 +42,26 @@ def _ok_rows(rows: list[dict]) -> list[dict]:
     return sorted(ok, key=lambda r: (str(r.get("case_id")), str(r.get("router"))))
 
 
-def baseline(meta: dict, rows: list[dict]) -> dict:
-    """The baseline document of a run: its meta and its ok rows, sorted."""
-    return {"format": BASELINE_FORMAT, "meta": meta, "rows": _ok_rows(rows)}
+def _measured(column: str) -> bool:
+    """A column a run measures rather than computes: varies from run to run with the same code."""
+    found = metric(column)
+    if found is not None:
+        return not found.deterministic
+    return column == "run_id" or column.endswith("_ms") or column.endswith("_bytes")
+
+
+def baseline(meta: dict, rows: list[dict], with_timings: bool = False) -> dict:
+    """The baseline document of a run: its meta and its ok rows, sorted; without timings
+    (default) only the columns and meta keys that the code and the suite decide."""
+    ok = _ok_rows(rows)
+    if with_timings:
+        return {"format": BASELINE_FORMAT, "meta": {**meta, "timings_included": True}, "rows": ok}
+    kept = {k: meta[k] for k in BASELINE_META if k in meta}
+    env = meta.get("environment") if isinstance(meta.get("environment"), dict) else {}
+    kept["environment"] = {k: env[k] for k in ("moebench", "torch", "numpy", "python") if k in env}
+    kept["timings_included"] = False
+    return {"format": BASELINE_FORMAT, "meta": kept,
+            "rows": [{k: v for k, v in r.items() if not _measured(k)} for r in ok]}
 
 
 def _f(x) -> float | None:
@@ -173,14 +198,28 @@ def _finite(value):
     return value
 
 
-def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None) -> tuple[str, int]:
+def export_runs_asv(run_dirs, out: str | Path, machine: str | None = None) -> int:
+    """Write the runs into the asv results folder ``out`` (see `moebench.compare.asv_results`);
+    returns how many results files were written."""
+    from moebench.compare.asv_results import export_asv
+
+    runs = []
+    for run_dir in run_dirs:
+        run = load_run(run_dir)
+        runs.append((run.meta(), _ok_rows(run.rows())))
+    return export_asv(runs, out, machine)
+
+
+def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None,
+               with_timings: bool = False) -> tuple[str, int]:
     """Export ``run_dir`` as ``fmt`` (baseline | pytest-benchmark); write it to ``out`` if given.
-    Returns (the JSON text, how many rows or benchmarks it holds)."""
-    if fmt not in FORMATS:
-        raise MoebenchError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    Returns (the JSON text, how many rows or benchmarks it holds). ``with_timings``: a baseline
+    keeps its measured columns and run metadata. (asv: :func:`export_runs_asv`.)"""
+    if fmt not in FORMATS or fmt == "asv":
+        raise MoebenchError(f"--format {fmt!r}: expected one of baseline, pytest-benchmark")
     run = load_run(run_dir)
     meta, rows = run.meta(), run.rows()
-    doc = baseline(meta, rows) if fmt == "baseline" else pytest_benchmark(meta, rows)
+    doc = baseline(meta, rows, with_timings) if fmt == "baseline" else pytest_benchmark(meta, rows)
     text = json.dumps(_finite(doc), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
     if out is not None:
         write_output(out, text, "--out", make_parents=True)  # whole or not at all; OSError -> one line

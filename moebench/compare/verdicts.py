@@ -330,11 +330,16 @@ def compare_runs(a, b, fail_on=(), metrics: str = "all", mode: str = "auto",
     gate_list = [g if isinstance(g, Gate) else parse_gate(g) for g in fail_on]
     if metrics not in METRIC_SETS:
         raise MoebenchError(f"--metrics {metrics!r}: expected one of {', '.join(METRIC_SETS)}")
+    notes: list[str] = []
+    bare = [side for side, meta in (("A", meta_a), ("B", meta_b)) if meta.get("timings_included") is False]
+    if bare and metrics != "deterministic":  # a baseline exported without --with-timings
+        notes.append(f"{' and '.join(bare)} carries no timings (a baseline without --with-timings): "
+                     "deterministic metrics only")
+        metrics = "deterministic"
     keep = {"deterministic": lambda m: m.deterministic, "time": lambda m: not m.deterministic}.get(metrics)
     outside = [str(g) for g in gate_list if keep is not None and not keep(metric_of(g.metric))]
     if outside:
         raise MoebenchError(f"--fail-on {', '.join(outside)}: not among the compared metrics (--metrics {metrics})")
-    notes: list[str] = []
     mode = "absolute" if metrics == "deterministic" else resolve_mode(mode, meta_a, meta_b, notes)
     for key, what in (("suite_sha256", "suite file"), ("quick", "--quick setting")):
         if key in meta_a and key in meta_b and meta_a[key] != meta_b[key]:
