@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,6 +68,22 @@ class Exits(_Faulty):
 
     def fault(self, routing):
         sys.exit(3)
+
+
+@register("sleeps")
+@dataclass(frozen=True)
+class Sleeps(_Faulty):
+    """Writes its pid under $FAULTY_MARK, then sleeps (a case to kill moebench in)."""
+    paper = "test"
+
+    def fault(self, routing):
+        mark = os.environ.get("FAULTY_MARK")
+        if mark:
+            with open(os.path.join(mark, str(os.getpid())), "w"):
+                pass
+        import time
+        time.sleep(600)
+        return routing
 
 
 @register("segfaults")
@@ -156,3 +174,52 @@ def test_cost_model_suite_turns_exit_and_bad_routings_into_error_rows(plugin, tm
         "topk": "ok", "switch": "ok", "exits": "error", "bad_ids": "error", "nan_weights": "error"}
     assert rows["exits"]["reason"] == "exited: the router called sys.exit(3)"
     assert "InvalidRouting" in rows["bad_ids"]["reason"] and "InvalidRouting" in rows["nan_weights"]["reason"]
+
+
+def group_members(pgid: int) -> list[str]:
+    """'pid command' of every live process in process group ``pgid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_bytes()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
+        except OSError:
+            continue
+        fields = stat.rsplit(b")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            found.append(f"{entry.name} {cmd}")
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="lists processes from /proc")
+def test_kill9_of_moebench_mid_case_leaves_no_process_behind(plugin, tmp_path):
+    (tmp_path / "k.yaml").write_text(SUITE.replace("name: pfaults", "name: kill9").replace(
+        "routers: [bad_ids, topk, nan_weights, exits, segfaults]", "routers: [sleeps]").replace(
+        "timeout_s: 30", "timeout_s: 120"))
+    mark = tmp_path / "mark"
+    mark.mkdir()
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "MOEBENCH"))}
+    full.update(PYTHONPATH=os.pathsep.join([str(plugin), str(ROOT)]), FAULTY_MARK=str(mark))
+    cli = subprocess.Popen([sys.executable, "-m", "moebench", "run", "k.yaml", "--results", "r", "--no-report"],
+                           cwd=tmp_path, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)  # its own process group: everything it starts
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(mark.iterdir())) < 2:  # both ranks are inside the router
+            assert cli.poll() is None, "moebench ended before the case started"
+            assert time.monotonic() < deadline, "the ranks never started"
+            time.sleep(0.2)
+        ranks = sorted(int(p.name) for p in mark.iterdir())
+        assert len(group_members(cli.pid)) >= 3  # moebench, its fork server, 2 ranks (and more)
+        os.kill(cli.pid, signal.SIGKILL)
+        time.sleep(10)  # not reaped yet on purpose: a zombie parent must not keep its ranks alive
+        left = [m for m in group_members(cli.pid) if not m.startswith(f"{cli.pid} ")]
+        assert left == [], left
+        assert not any(Path(f"/proc/{pid}").exists() for pid in ranks)
+    finally:
+        cli.kill()
+        cli.wait()
+        for member in group_members(cli.pid):  # clean up after a failure: only this test's group
+            os.kill(int(member.split()[0]), signal.SIGKILL)

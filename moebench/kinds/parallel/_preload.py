@@ -4,6 +4,7 @@ typing and target contexts are built by compiling one serial function (seconds p
 otherwise). No parallel kernel runs and no thread starts here, so forking stays safe."""
 
 from moebench.core import kernels
+from moebench.kinds.parallel.launch import die_with_parent
 from moebench.kinds.parallel import engine  # noqa: F401
 from moebench.routers import registry  # noqa: F401
 
@@ -11,3 +12,5 @@ if kernels.available():
     import numba
 
     numba.njit(lambda x: x + 1)(1)
+
+die_with_parent()  # the fork server ends with the moebench process that started it (#23)

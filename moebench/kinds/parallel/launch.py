@@ -12,11 +12,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
+import time
 import uuid
 from contextlib import contextmanager
 
@@ -54,9 +57,61 @@ def _quiet_launcher():
             logging.getLogger(n).setLevel(level)
 
 
-def _entry(fn, arg):
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Linux: the kernel sends ``sig`` to this process when its parent ends (prctl
+    PR_SET_PDEATHSIG), so a kill -9 of moebench takes the fork server and the ranks with it
+    (and then the resource tracker, whose pipe they held, sees EOF and exits). Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent ended before prctl took effect
+        os._exit(1)
+
+
+def _gone(pid: int) -> bool:
+    """The process ``pid`` has ended (a zombie counts: kill -9'd and not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except FileNotFoundError:
+        return True
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        return False
+
+
+def _watch_launcher(pid: int, every_s: float = 0.5) -> None:
+    """A rank's watchdog thread: end the rank once the moebench process that launched it is
+    gone (the rank's own parent is the fork server; this covers platforms without prctl and
+    a fork server that outlived its parent)."""
+    def loop():
+        while not _gone(pid):
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=loop, name="moebench-launcher-watch", daemon=True).start()
+
+
+    die_with_parent()
+    if launcher is not None:
+        _watch_launcher(launcher)
+def _entry(fn, arg, launcher: int | None = None):
     """What each launched process runs: mark it as launched (so it never acts as a torchrun
-    follower), run, and leave the process group cleanly."""
+    follower), die with its parent and with the moebench process that launched it, run, and
+    leave the process group cleanly."""
     os.environ["MOEBENCH_LAUNCHED"] = "1"
     try:
         return fn(arg)
@@ -81,7 +136,7 @@ def spawn(fn, arg, nprocs: int, timeout_s: float) -> dict:
     )
     try:
         with _quiet_launcher(), _own_signals():
-            return elastic_launch(config, _entry)(fn, arg)
+            return elastic_launch(config, _entry)(fn, arg, os.getpid())
     except ChildFailedError as exc:
         raise LaunchFailure(_failure_text(exc, timeout_s)) from None
 
