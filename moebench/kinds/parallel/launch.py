@@ -105,14 +105,14 @@ def _watch_launcher(pid: int, every_s: float = 0.5) -> None:
     threading.Thread(target=loop, name="moebench-launcher-watch", daemon=True).start()
 
 
-    die_with_parent()
-    if launcher is not None:
-        _watch_launcher(launcher)
 def _entry(fn, arg, launcher: int | None = None):
     """What each launched process runs: mark it as launched (so it never acts as a torchrun
     follower), die with its parent and with the moebench process that launched it, run, and
     leave the process group cleanly."""
     os.environ["MOEBENCH_LAUNCHED"] = "1"
+    die_with_parent()
+    if launcher is not None:
+        _watch_launcher(launcher)
     try:
         return fn(arg)
     finally:
