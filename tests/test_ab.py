@@ -1,0 +1,201 @@
+"""`moebench ab`: the statistics on known samples, and the pull-request recipe end to end in a
+scratch git repository holding a suite and a plugin router package (tests/fixtures/ab_plugin)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from moebench.compare.ab import stats
+from moebench.compare.ab.driver import Cell, Group, calls_for, make_cells, make_groups
+from moebench.compare.ab.stats import Interval, shift_interval, verdict
+
+FIXTURE = Path(__file__).parent / "fixtures" / "ab_plugin"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- statistics --------------------------------------------------------------------------------
+
+
+def test_hodges_lehmann_by_hand():
+    # Walsh averages of (1, 2, 9): 1, 1.5, 5, 2, 5.5, 9 -> sorted 1, 1.5, 2, 5, 5.5, 9; median 3.5
+    assert stats.hodges_lehmann([1, 2, 9]) == pytest.approx(3.5)
+    assert list(stats.walsh_averages([1, 2, 9])) == [1, 1.5, 2, 5, 5.5, 9]
+    # an outlier moves the mean far, the HL estimate a little: (0, 0.1, 0.2, 0.3, 10)
+    assert stats.hodges_lehmann([0, 0.1, 0.2, 0.3, 10]) == pytest.approx(0.2)
+
+
+def test_signed_rank_null_by_hand():
+    # n = 3: T+ takes 0..6 with counts 1,1,1,2,1,1,1 over 8 subsets
+    cdf = stats._signed_rank_cdf(3)
+    assert np.allclose(cdf * 8, [1, 2, 3, 5, 6, 7, 8])
+    # n = 6 at 5% two-sided: P(T+ <= 0) = 1/64 <= 0.025 < P(T+ <= 1) = 2/64 -> depth 1
+    assert stats.signed_rank_depth(6, 0.05) == 1
+    assert stats.signed_rank_depth(5, 0.05) == 0  # 1/32 > 0.025: no 95% interval from 5 pairs
+    assert stats.min_pairs(0.05) == 6
+    assert stats.signed_rank_coverage(6, 1) == pytest.approx(1 - 2 / 64)
+
+
+@pytest.mark.parametrize("n", [6, 9, 15, 30])
+def test_interval_is_the_inverted_wilcoxon_test(n):
+    """Just inside the interval scipy's exact signed-rank test does not reject; just outside it does."""
+    rng = np.random.default_rng(n)
+    d = rng.normal(0.1, 1.0, n)
+    alpha = 0.05
+    iv = shift_interval(d, alpha)
+    eps = 1e-9
+    for theta, rejects in ((iv.low - eps, True), (iv.low + eps, False), (iv.high - eps, False), (iv.high + eps, True)):
+        p = sps.wilcoxon(d - theta, method="exact").pvalue
+        assert (p <= alpha) == rejects, (theta, p)
+
+
+def test_interval_covers_the_centre():
+    rng = np.random.default_rng(1)
+    hits = 0
+    trials = 2000
+    for _ in range(trials):
+        d = rng.standard_t(3, 12) * 0.05 + 0.1  # heavy-tailed, symmetric about 0.1
+        iv = shift_interval(d, 0.05)
+        hits += iv.low <= 0.1 <= iv.high
+    assert 0.94 <= hits / trials <= 0.99  # exact coverage at n = 12 is 95.8%
+
+
+def test_normal_approximation_agrees_with_exact_depth():
+    n = stats.EXACT_MAX_N
+    exact = stats.signed_rank_depth(n, 0.01)
+    m = n * (n + 1) / 2
+    sd = math.sqrt(n * (n + 1) * (2 * n + 1) / 24)
+    approx = math.floor(m / 2 - 2.5758293 * sd + 0.5)
+    assert abs(exact - approx) <= 0.002 * m
+    assert stats.signed_rank_depth(n + 1, 0.01) > 0
+
+
+def _iv(lo: float, hi: float) -> Interval:
+    return Interval(10, (math.log(lo) + math.log(hi)) / 2, math.log(lo), math.log(hi), 0.05)
+
+
+@pytest.mark.parametrize("lo,hi,expected", [
+    (1.03, 1.10, "slower"), (1.02, 1.10, "undecided"), (0.90, 0.97, "faster"), (0.90, 0.98, "undecided"),
+    (0.985, 1.015, "same"), (0.98, 1.02, "same"), (0.97, 1.01, "undecided"), (0.99, 1.05, "undecided"),
+])
+def test_verdict_rules(lo, hi, expected):
+    assert verdict(_iv(lo, hi), 0.02) == expected
+
+
+def test_too_few_pairs_is_undecided():
+    iv = shift_interval([0.5, 0.6, 0.7], 0.05)  # 3 pairs cannot reach 95%
+    assert math.isinf(iv.low) and verdict(iv, 0.02) == "undecided"
+
+
+def test_look_alpha_spends_at_most_alpha():
+    total = sum(stats.look_alpha(0.05, k, 7) * 7 for k in range(1, 10_000))
+    assert total <= 0.05 and total == pytest.approx(0.05, rel=1e-3)
+    assert stats.look_schedule(10, 1.5)[:4] == [10, 15, 22, 33]
+
+
+def test_group_round_values_average_the_cases():
+    cells = [Cell("k1", "c1", "r", "route", "cpu", (0, 0), (1, 1), 1, 0, pairs=[(1.0, 2.0, 0), (1.0, 1.0, 1)]),
+             Cell("k2", "c2", "r", "route", "cpu", (1, 1), (1, 1), 1, 0, pairs=[(2.0, 2.0, 0), (1.0, 4.0, 1)])]
+    g = Group("r", "route", "cpu", cells)
+    assert g.round_values() == pytest.approx([math.log(2) / 2, math.log(4) / 2])
+
+
+def test_cells_match_and_size_blocks():
+    import random
+
+    a = [{"key": "x", "case_id": "c", "router": "r", "phase": "route", "device": "cpu", "status": "ok",
+          "est_ms": 0.5, "index": 0},
+         {"key": "y", "case_id": "c", "router": "r", "phase": "combine", "device": "cpu", "status": "skipped",
+          "est_ms": None, "index": None}]
+    b = [dict(a[0], est_ms=0.25, index=3), dict(a[1])]
+    cells = make_cells(a, b, 5.0, random.Random(0))
+    assert [(c.key, c.index, c.calls) for c in cells] == [("x", (0, 3), 20)]
+    assert calls_for(5.0, (100.0, 200.0)) == 1
+    assert len(make_groups(cells)) == 1
+
+
+# --- the pull-request recipe, end to end --------------------------------------------------------
+
+
+def _git(repo: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True,
+                          env=env).stdout.strip()
+
+
+def _ab(repo: Path, results: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "moebench", "ab", "suite.yaml", "--results", str(results), "--seed", "7", *args]
+    return subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600)
+
+
+def _slow_down(repo: Path, fraction: float, version: str) -> None:
+    (repo / "abplug" / "slowdown.json").write_text(json.dumps({"default": fraction}))
+    (repo / "abplug" / "VERSION").write_text(version + "\n")
+    _git(repo, "commit", "-qam", f"plugin {fraction:.0%} slower")
+
+
+@pytest.fixture
+def scratch_repo(tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(FIXTURE, repo, ignore=shutil.ignore_patterns("__pycache__"))
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "suite and plugin router")
+    return repo
+
+
+# the issue asks for 10%; on a shared, loaded 2-core machine that is not reliably detected in a short
+# budget (docs/ci.md: the power table), so this end-to-end test injects 30% (set MOEBENCH_AB_SLOWDOWN)
+SLOWDOWN = float(os.environ.get("MOEBENCH_AB_SLOWDOWN", "0.3"))
+BUDGET_S = os.environ.get("MOEBENCH_AB_BUDGET_S", "60")  # the unchanged pair spends it all (nothing settles "same" fast)
+
+
+def test_pr_recipe_end_to_end(scratch_repo, tmp_path):
+    repo, results = scratch_repo, tmp_path / "results"
+    _git(repo, "commit", "-q", "--allow-empty", "-m", "an unrelated change")
+
+    same = _ab(repo, results, "--base", "HEAD~1", "--budget-s", BUDGET_S)
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert "result: PASS" in same.stdout
+    abjson = json.loads(next(results.glob("ab/abtest/*/ab.json")).read_text())
+    assert not [r for r in abjson["summary"] if r["verdict"] == "slower"]
+    # the worktree was removed afterwards
+    assert "moebench-ab-" not in _git(repo, "worktree", "list")
+
+    _slow_down(repo, SLOWDOWN, "2")
+    slow = _ab(repo, results, "--base", "HEAD~1", "--budget-s", "150", "--fail-fast")
+    assert slow.returncode == 1, slow.stdout + slow.stderr
+    latest = sorted(results.glob("ab/abtest/*/ab.json"))[-1]
+    doc = json.loads(latest.read_text())
+    flagged = {(r["router"], r["phase"]) for r in doc["summary"] if r["verdict"] == "slower"}
+    assert flagged == {("plugin", "route")}, slow.stdout
+    assert "FAIL: 1 slower (plugin route" in slow.stdout
+    assert doc["deterministic"]["regressions"] == 0  # the routing did not change, only its speed
+    # each side ran its own version of the plugin, from its own tree
+    metas = {s: json.loads((latest.parent / s / "meta.json").read_text()) for s in ("A", "B")}
+    code_a, code_b = metas["A"]["router_code"]["plugin"], metas["B"]["router_code"]["plugin"]
+    assert (code_a["version"], code_b["version"]) == ("1", "2")
+    assert code_b["file"] == str(repo / "abplug" / "__init__.py")
+    assert code_a["file"].startswith(metas["A"]["ab"]["tree"]) and metas["A"]["ab"]["worktree"]
+    # the per-side run folders are ordinary runs: compare reads them
+    from moebench.compare.verdicts import compare_runs
+
+    assert compare_runs(latest.parent / "A", latest.parent / "B", metrics="deterministic").exit_code == 0
+    assert "moebench-ab-" not in _git(repo, "worktree", "list")
+
+
+def test_bad_revision_is_one_line_error(scratch_repo, tmp_path):
+    done = _ab(scratch_repo, tmp_path / "r", "--base", "no-such-ref", "--budget-s", "30")
+    assert done.returncode == 2
+    assert "--base no-such-ref: no such revision" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
