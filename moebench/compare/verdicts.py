@@ -38,6 +38,7 @@ from moebench.compare.summary import NOT_ENOUGH_ROUNDS, Group, format_text, summ
 from moebench.compare.times import judge_times
 from moebench.core.errors import MoebenchError, did_you_mean
 from moebench.compare.tolerance import tolerate_training
+from moebench.compare.tolerance import tolerate_training
 from moebench.core.metrics import Metric, all_metrics, metric as metric_of
 from moebench.core.rows import is_ok
 from moebench.core.timing_stats import median_ci_ranks, order_statistic_coverage
@@ -271,6 +272,7 @@ def _compare_row(key, row_a, row_b, names, sa: Scale, sb: Scale, noise, gates) -
             v.ratio = b / a
         if info.deterministic:
             _deterministic(v, info)
+            tolerate_training(v, row_a, row_b)  # cross-machine rule for trained rows (compare/tolerance.py)
             tolerate_training(v, row_a, row_b)  # cross-machine rule for trained rows (compare/tolerance.py)
         elif is_median:
             _median(v, row_a, row_b, sa, sb, noise)

@@ -206,12 +206,13 @@ def table_section(name: str, title: str, note: str = "") -> Section:
 
     def section(data: ReportData, out_dir: Path) -> str | None:
         table = data.tables.get(name)
-        if table is None or (table.empty and name in OPTIONAL_TABLES):
+        if table is None or not has_data(table):  # no section without data (issue #21)
             return None
         body = [f"## {title}", ""]
         if note:
             body += [note, ""]
-        body.append(markdown_table(table, hide=_hidden(data), bold=name != "skipped"))
+        body.append(markdown_table(table, hide=_hidden(data), bold=name != "skipped",
+                                   references=_baselines(data)))
         line = legend([c for c in table.columns if c not in _hidden(data)])
         if line and not table.empty:
             body += ["", line]
@@ -221,6 +222,30 @@ def table_section(name: str, title: str, note: str = "") -> Section:
 
 
 OPTIONAL_TABLES = ("streams", "skipped", "scaling", "side_by_side", "phases_not_timed")
+_NOT_DATA = ("case", "router", "threads", *tables.KEY_TAIL)  # columns every table has
+
+
+def has_data(table: pd.DataFrame) -> bool:
+    """A table with a row and some value beyond its identity columns (a training run's drops
+    table, or a throughput table whose only column is ``threads``, has none)."""
+    if table is None or table.empty:
+        return False
+    values = table.drop(columns=[c for c in _NOT_DATA if c in table.columns])
+    return bool(values.notna().to_numpy().any())
+
+
+def _baselines(data: ReportData) -> set[str]:
+    """Router labels that declare themselves baselines (moebench/report/declarations.py)."""
+    from moebench.report.declarations import declarations
+
+    return declarations([meta for _, meta in data.runs], data.rows).baseline
+
+
+def _summary(data: ReportData, out_dir: Path) -> str | None:
+    """The verdict first (moebench/report/summary_section.py): load, best-for, headline figure."""
+    from moebench.report.summary_section import summary_markdown
+
+    return summary_markdown(data.rows, [meta for _, meta in data.runs], out_dir, PLOTS_DIR)
 
 
 def _side_by_side(data: ReportData, out_dir: Path) -> str | None:
@@ -231,21 +256,21 @@ def _side_by_side(data: ReportData, out_dir: Path) -> str | None:
         return None
     return "\n".join([
         "## Route time side by side", "",
-        "Median ms of one route call and, in brackets, its ratio to the fastest router of the case "
-        "(bold), all timed in one process on the same logits.", "",
-        side_by_side.markdown(table, hide=_hidden(data)),
+        "Median ms of one route call and, in brackets, its ratio to the fastest non-baseline router "
+        "of the case, all timed in one process on the same logits. Bold: the fastest, where its 95% "
+        "CI overlaps no other router's (overlap is a tie); † a median whose CI is missing or wider "
+        "than 25% of it.", "",
+        side_by_side.markdown(table, hide=_hidden(data), references=_baselines(data)),
     ])
 PLOTS_DIR = "plots"
 
 
 def _plots(data: ReportData, out_dir: Path) -> str | None:
     """Every plot the data allow (see :mod:`moebench.report.plots`) as ``plots/*.png``, embedded;
-    PNGs of an earlier report of the same runs are removed first. None when nothing applies."""
+    PNGs of an earlier report are removed by write_report first. None when nothing applies."""
     from moebench.report import plots  # matplotlib/seaborn only when a report draws
 
     plot_dir = out_dir / PLOTS_DIR
-    for stale in plot_dir.glob("*.png") if plot_dir.is_dir() else ():
-        stale.unlink()
     drawn = plots.write_plots(data.rows, data.batches, data.loads, plot_dir)
     if not drawn:
         return None
@@ -264,8 +289,7 @@ def _plots(data: ReportData, out_dir: Path) -> str | None:
 
 
 def _training(data: ReportData, out_dir: Path) -> str | None:
-    """Training runs: ranking, curves, specialisation (moebench/kinds/train/section.py); after _plots,
-    which clears plots/*.png first."""
+    """Training runs: ranking, curves, specialisation (moebench/kinds/train/section.py)."""
     from moebench.kinds.train.section import training_section
 
     return training_section(data, out_dir)
@@ -280,6 +304,9 @@ def _parallel(data: ReportData, out_dir: Path) -> str | None:
 
 SECTIONS: list[Section] = [
     _title,
+    _summary,  # the verdict before everything else (issue #21)
+    _training,  # a kind's own sections lead its report: training curves, ranks (issue #21)
+    _parallel,
     _provenance,
     trace_section,
     table_section("balance", "Load balance",
@@ -300,8 +327,6 @@ SECTIONS: list[Section] = [
                   "`exponent_top` the three largest, where every tensor is out of cache and "
                   "allocations of 32 MiB and more get fresh pages on each call."),
     _plots,
-    _training,
-    _parallel,
     table_section("skipped", "Skipped and failed rows"),
 ]
 
@@ -333,6 +358,9 @@ def write_report(run_dirs: list[Path], reports_root: Path = Path("reports"),
     out_dir = report_dir(data, reports_root)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_tables(data, out_dir)
+    plot_dir = out_dir / PLOTS_DIR
+    for stale in plot_dir.glob("*.png") if plot_dir.is_dir() else ():  # an earlier report's
+        stale.unlink()
     parts = [text for section in (SECTIONS if sections is None else sections)
              if (text := section(data, out_dir))]
     path = out_dir / REPORT

@@ -50,10 +50,17 @@ td.case { color: var(--muted); }
 figure { margin: 0.6em 0 1em; }
 figure img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; }
 figcaption { color: var(--muted); font-size: 0.9em; }
+td.unreliable { color: #8a5a00; }
+td.baseline, tr.baseline td { color: var(--muted); font-style: italic; }
+.summary.table-wrap { max-height: none; }
+.summary table { font-size: 0.84em; }
+figure.headline img { max-height: 380px; width: auto; }
+h2#summary { margin-top: 0.6em; }
 """
 
 _TABLE_SEP = re.compile(r"^\|(\s*:?-{3,}:?\s*\|)+\s*$")
 _IMAGE = re.compile(r"^!\[(?P<alt>[^\]]*)\]\((?P<src>[^)\s]+)\)\s*$")
+_CLASS = re.compile(r"^<!--\s*class:\s*(?P<name>[A-Za-z0-9_ -]+?)\s*-->$")  # class of the next block
 _HEADING = re.compile(r"^(?P<level>#{1,6})\s+(?P<text>.*?)\s*#*\s*$")
 
 
@@ -81,7 +88,7 @@ def _split_row(line: str) -> list[str]:
     return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", body)]
 
 
-def _table(lines: list[str]) -> str:
+def _table(lines: list[str], css: str = "") -> str:
     header = _split_row(lines[0])
     numeric = [c.strip().endswith(":") for c in _split_row(lines[1])]
     numeric += [False] * (len(header) - len(numeric))
@@ -90,16 +97,22 @@ def _table(lines: list[str]) -> str:
     body = []
     for line in lines[2:]:
         cells = []
-        for i, cell in enumerate(_split_row(line)[:len(header)]):
+        row = _split_row(line)[:len(header)]
+        baseline = any(c.endswith("(baseline)") for c in row)  # a reference point: never best
+        for i, cell in enumerate(row):
             classes = ["num"] if numeric[i] else []
             if header[i] == "case":
                 classes.append("case")
-            if re.fullmatch(r"\*\*.+\*\*", cell):
+            if baseline:
+                classes.append("baseline")
+            elif re.fullmatch(r"\*\*.+\*\*", cell):
                 classes.append("best")
+            if cell.endswith("\u2020"):  # a time that cannot be trusted (summary_section.DAGGER)
+                classes.append("unreliable")
             attr = f' class="{" ".join(classes)}"' if classes else ""
             cells.append(f"<td{attr}>{_inline(cell)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return (f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead>'
+    return (f'<div class="table-wrap{" " + css if css else ""}"><table><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
@@ -113,7 +126,7 @@ def data_uri(path: Path) -> str | None:
     return f"data:{mime};base64,{base64.b64encode(raw).decode('ascii')}"
 
 
-def _image(alt: str, src: str, base_dir: Path) -> str:
+def _image(alt: str, src: str, base_dir: Path, css: str = "") -> str:
     """A figure with the image inlined; a local file only (remote sources are never loaded)."""
     uri = None
     if not re.match(r"^[a-z][a-z0-9+.-]*:", src, re.I):  # no scheme: a path beside the report
@@ -122,7 +135,7 @@ def _image(alt: str, src: str, base_dir: Path) -> str:
             uri = data_uri(target)
     if uri is None:
         return f"<p><em>[image not available: {html.escape(alt)}]</em></p>"
-    return (f'<figure><img alt="{html.escape(alt)}" src="{uri}">'
+    return (f'<figure{f" class={chr(34)}{css}{chr(34)}" if css else ""}><img alt="{html.escape(alt)}" src="{uri}">'
             f"</figure>")
 
 
@@ -145,6 +158,7 @@ def markdown_to_html(markdown: str, base_dir: Path) -> tuple[str, str, list[tupl
     lines = markdown.splitlines()
     out, toc, used, title = [], [], set(), ""
     paragraph: list[str] = []
+    css = ""  # from a `<!-- class: name -->` line, for the next table or figure
 
     def flush() -> None:
         if paragraph:
@@ -157,6 +171,10 @@ def markdown_to_html(markdown: str, base_dir: Path) -> tuple[str, str, list[tupl
         stripped = line.strip()
         if not stripped:
             flush()
+            i += 1
+        elif (m := _CLASS.match(stripped)):
+            flush()
+            css = m["name"]
             i += 1
         elif stripped.startswith("```"):
             flush()
@@ -177,11 +195,13 @@ def markdown_to_html(markdown: str, base_dir: Path) -> tuple[str, str, list[tupl
             end = i + 2
             while end < len(lines) and lines[end].strip().startswith("|"):
                 end += 1
-            out.append(_table(lines[i:end]))
+            out.append(_table(lines[i:end], css))
+            css = ""
             i = end
         elif (m := _IMAGE.match(stripped)):
             flush()
-            out.append(_image(m["alt"], m["src"], base_dir))
+            out.append(_image(m["alt"], m["src"], base_dir, css))
+            css = ""
             i += 1
         elif stripped.startswith(("- ", "* ")):
             flush()
@@ -198,14 +218,16 @@ def markdown_to_html(markdown: str, base_dir: Path) -> tuple[str, str, list[tupl
 
 
 def render_html(markdown: str, base_dir: Path) -> str:
-    """The whole page: embedded CSS, a table of contents after the title, the content."""
+    """The whole page: embedded CSS, the content, and a table of contents before the second
+    level-2 heading (the first is the summary, which opens the page)."""
     body, title, toc = markdown_to_html(markdown, base_dir)
     if toc:
         nav = ("<nav><strong>Contents</strong><ul>"
                + "".join(f'<li><a href="#{a}">{_inline(t)}</a></li>' for a, t in toc)
                + "</ul></nav>")
         first_h2 = body.find("<h2")
-        body = body[:first_h2] + nav + "\n" + body[first_h2:] if first_h2 >= 0 else body + nav
+        at = body.find("<h2", first_h2 + 1) if first_h2 >= 0 and "summary" in body[first_h2:first_h2 + 20] else first_h2
+        body = body[:at] + nav + "\n" + body[at:] if at >= 0 else body + nav
     title_text = re.sub(r"`", "", title) or "moebench report"
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"

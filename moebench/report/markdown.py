@@ -35,12 +35,16 @@ def column_direction(column: str) -> Direction:
     return "none"
 
 
-def best_mask(table: pd.DataFrame, group_by: tuple[str, ...] = KEY_TAIL) -> pd.DataFrame:
+def best_mask(table: pd.DataFrame, group_by: tuple[str, ...] = KEY_TAIL,
+              references: Iterable[str] = ()) -> pd.DataFrame:
     """Booleans shaped like ``table``: True where a value is the best of its case (and run).
 
     Only columns with a direction are marked; values within TIE_RTOL of the best tie with it,
-    and a case where every router ties marks nothing.
+    and a case where every router ties marks nothing. Rows of a ``references`` router (a
+    baseline) are never best and do not compete.
     """
+    if references and "router" in table.columns:  # baselines are shown, never ranked
+        table = table[~table["router"].astype(str).isin(set(map(str, references)))]
     mask = pd.DataFrame(False, index=table.index, columns=table.columns)
     keys = [k for k in group_by if k in table.columns]
     if table.empty or not keys:
@@ -127,7 +131,8 @@ def escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ").replace("\r", " ")
 
 
-def markdown_table(table: pd.DataFrame, hide: Iterable[str] = KEY_TAIL, bold: bool = True) -> str:
+def markdown_table(table: pd.DataFrame, hide: Iterable[str] = KEY_TAIL, bold: bool = True,
+                   references: Iterable[str] = ()) -> str:
     """A GitHub Markdown table of ``table`` without the ``hide`` columns.
 
     The best value of each case is bolded (see :func:`best_mask`); a case label repeated on
@@ -138,7 +143,9 @@ def markdown_table(table: pd.DataFrame, hide: Iterable[str] = KEY_TAIL, bold: bo
     shown = [c for c in table.columns if c not in hide]
     if table.empty:
         return "_No rows._"
-    mask = best_mask(table) if bold else pd.DataFrame(False, index=table.index, columns=table.columns)
+    references = set(map(str, references))  # baselines: "(baseline)" after the name, never bold
+    mask = (best_mask(table, references=references).reindex(index=table.index, fill_value=False) if bold
+            else pd.DataFrame(False, index=table.index, columns=table.columns))
     numeric = {c: pd.api.types.is_numeric_dtype(table[c]) for c in shown}
     integer = {c: numeric[c] and _whole(table[c]) for c in shown}
     body = []
@@ -152,6 +159,8 @@ def markdown_table(table: pd.DataFrame, hide: Iterable[str] = KEY_TAIL, bold: bo
                 text = untimed  # "skipped"/"error", not "-": the phase was not timed at all
             elif c == "case":
                 text, previous_case = ("" if text == previous_case else text), text
+            elif c == "router" and text in references:
+                text += " (baseline)"
             elif mask.at[idx, c]:
                 text = f"**{text}**"
             cells.append(escape(text))

@@ -88,6 +88,8 @@ class Router:
     capture_reason: ClassVar[str] = "its route has no static-shape, sync-free form in moebench.run.capture"
     baseline: ClassVar[bool] = False  # a reference point (reports show it, never rank it best)
     case_notes: ClassVar[dict[str, str]] = {}  # condition (dropless, capacity, single_batch, always) -> note
+    baseline: ClassVar[bool] = False  # a reference point (reports show it, never rank it best)
+    case_notes: ClassVar[dict[str, str]] = {}  # condition (dropless, capacity, single_batch, always) -> note
 
     def applicable(self, top_k: int, num_experts: int) -> str | None:
         """None if the router can run at this shape, else the reason it is skipped."""

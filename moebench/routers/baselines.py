@@ -18,6 +18,7 @@ class RandomRouter(TokenChoiceRouter):
 
     paper = "baseline"
     capturable_phases = CAPTURE_ALL
+    baseline = True
 
     def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:
         logits = inputs.logits
@@ -38,6 +39,7 @@ class RoundRobin(TokenChoiceRouter):
 
     paper = "baseline (Megatron-Core force_load_balancing, MegaBlocks uniform_expert_assignment)"
     capturable_phases = CAPTURE_ALL
+    baseline = True
 
     def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:
         logits = inputs.logits

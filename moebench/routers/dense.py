@@ -21,6 +21,9 @@ class SoftmaxDense(Router):
 
     paper = "Jacobs, Jordan, Nowlan, Hinton 1991, Adaptive Mixtures of Local Experts"
     capturable_phases = CAPTURE_ALL  # its own route is static
+    baseline = True
+    case_notes = {"capacity": "dense softmax sends every token to every expert: top_k and the capacity factor do "
+                              "not apply, it never drops, and its balance is that of the uniform split"}
 
     def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:
         logits = inputs.logits.float()

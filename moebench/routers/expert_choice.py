@@ -29,6 +29,8 @@ class ExpertChoice(Router):
 
     paper = "Zhou et al. 2022, Mixture-of-Experts with Expert Choice Routing"
     capturable_phases = CAPTURE_ALL  # its own route is static
+    case_notes = {"dropless": "expert choice has its own capacity (each expert takes ceil(k*T/E) tokens when the "
+                              "case is dropless): tokens no expert picks are dropped, so 'dropless' does not apply"}
 
     def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:
         logits = inputs.logits.float()

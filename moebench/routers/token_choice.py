@@ -187,6 +187,9 @@ class DeepSeek(TokenChoiceRouter):
 
     paper = "DeepSeek-V3 technical report 2024; Wang et al. 2024, Auxiliary-Loss-Free Load Balancing"
     capturable_phases = CAPTURE_ALL
+    case_notes = {"single_batch": "its expert bias starts at zero and updates only after a batch: with batches: 1 it "
+                                  "never updates, so the aux-loss-free balancing plays no part (without a group "
+                                  "limit it picks the same experts as topk)"}
 
     def check(self) -> str | None:
         if self.num_groups < 1 or self.topk_groups < 1 or self.topk_groups > self.num_groups:

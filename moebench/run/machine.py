@@ -25,6 +25,17 @@ SPEED_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE", "CU
                   "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER_PRIORITY", "OMP_PROC_BIND", "OMP_PLACES")
 
 
+def load_snapshot() -> dict:
+    """``{"loadavg": [1, 5, 15 min], "cores": usable cores}`` now (meta ``load``: reports say
+    how busy the machine was); loadavg None where the OS has none."""
+    try:
+        avg = [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        avg = None
+    affinity = cpu_affinity()
+    return {"loadavg": avg, "cores": len(affinity) if affinity else os.cpu_count()}
+
+
 def cpu_model() -> str:
     """The CPU's marketing name: /proc/cpuinfo "model name", else ``platform.processor()``."""
     try:

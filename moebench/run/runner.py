@@ -64,6 +64,17 @@ def quick_timing(timing: TimingSpec) -> TimingSpec:
     return replace(timing, **{f: getattr(QUICK_TIMING, f) for f in rounds})
 
 
+def router_declarations(specs) -> dict:
+    """meta.json ``router_declarations``: per router label, what its class declares for reports
+    (``baseline``, ``case_notes``; moebench/report/declarations.py reads it, never the classes)."""
+    out = {}
+    for spec in specs:
+        cls = ROUTERS.get(spec.name)
+        out[spec.display] = {"name": spec.name, "baseline": bool(getattr(cls, "baseline", False)),
+                             "case_notes": dict(getattr(cls, "case_notes", {}) or {})}
+    return out
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 

@@ -16,13 +16,13 @@ from typing import Callable, Iterable
 
 from moebench import __version__
 from moebench.core.case import Case, Suite
-from moebench.run.machine import capture_environment, numba_layer_in_use
+from moebench.run.machine import capture_environment, load_snapshot, numba_layer_in_use
 from moebench.core.errors import MoebenchError
 from moebench.run.reference_kernel import reference_meta
 from moebench.core.paths import under
 from moebench.store.runs import RunDir, load_run, new_run_id, suite_yaml_copy, utc_now
 from moebench.store.lock import RunLock, describe, process_identity
-from moebench.run.runner import CaseRunner, cuda_available, quick_case, quick_timing
+from moebench.run.runner import CaseRunner, cuda_available, quick_case, quick_timing, router_declarations
 
 DEVICE_CHOICES = ("cpu", "cuda", "all")
 HEARTBEAT_S = 30.0  # meta.json heartbeat_at is refreshed at most this often (between cases)
@@ -91,6 +91,8 @@ def _meta(suite: Suite, options: RunOptions, run_id: str, cases: list[Case]) -> 
         "seeds": sorted({c.seed for c in cases}),
         "cases": len(cases),
         "routers": [r.display for r in suite.routers],
+        "router_declarations": router_declarations(suite.routers),  # baseline, case notes (reports)
+        "load": {"start": load_snapshot()},  # the report says how busy the machine was
         # train variants train only their own routers (else the report's default: cases x routers)
         **({"planned_rows": suite.train.planned_rows(cases, suite.routers)} if suite.train is not None else {}),
         "timing": vars(run_timing(suite, options)),
@@ -210,6 +212,7 @@ def execute(
     finally:
         try:
             run.update_meta(status=status, ended_at=utc_now(), heartbeat_at=utc_now(), stopped_by=stopped_by,
+                            load={**(run.meta().get("load") or {}), "end": load_snapshot()},
                             numba_threading_layer=_numba_layer_used())
         except MoebenchError as exc:
             if stopped_by is None:  # the run itself went well: this is the error to report
