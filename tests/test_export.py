@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -189,11 +190,19 @@ def _entry_point_visible(cwd: Path) -> bool:
     return done.stdout.strip() == "True"
 
 
-def _pytest(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+THREAD_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY",
+               "MOEBENCH_THREAD_ENV")
+
+
+def _pytest(tmp_path: Path, *args: str, torch_first: bool = False) -> subprocess.CompletedProcess:
     # Installed: the entry point loads it. Not installed (a bare checkout): load the module.
+    # The environment has no thread variables (as a user's shell), whatever this process set.
     plugin = [] if _entry_point_visible(tmp_path) else ["-p", "no:moebench", "-p", "moebench.run.pytest_plugin"]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *plugin, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    argv = ["-q", "-p", "no:cacheprovider", "-rs", *plugin, *args]
+    cmd = [sys.executable, "-m", "pytest", *argv] if not torch_first else \
+        [sys.executable, "-c", f"import sys, torch, pytest; sys.exit(pytest.main({argv!r}))"]
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
 
 
 def test_plugin_entry_point_is_declared():
@@ -233,3 +242,60 @@ def test_plugin_fixture_with_benchmark_disabled(plugin_project):
 def test_plugin_import_is_light():
     code = "import sys, moebench.run.pytest_plugin; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+THREAD_TESTS = """
+import os
+
+SEEN_BY_CONFTEST = __import__("conftest").SEEN
+
+
+def test_route_a(moebench_phase):
+    moebench_phase("tiny.yaml", case=0, router="switch", phase="route")()
+    print("ENV", os.environ.get("GOMP_SPINCOUNT"), os.environ.get("NUMBA_THREADING_LAYER_PRIORITY"), SEEN_BY_CONFTEST)
+
+
+def test_route_b(moebench_phase):
+    moebench_phase("tiny.yaml", case=1, router="switch", phase="route")()
+"""
+
+TORCH_CONFTEST = """
+import os
+import torch  # a conftest that loads torch: the plugin must have settled before it
+
+SEEN = os.environ.get("GOMP_SPINCOUNT")
+"""
+
+
+@pytest.fixture
+def thread_project(tmp_path) -> Path:
+    (tmp_path / "tiny.yaml").write_text(TINY_SUITE)
+    (tmp_path / "conftest.py").write_text(TORCH_CONFTEST)
+    (tmp_path / "test_threads.py").write_text(THREAD_TESTS)
+    return tmp_path
+
+
+def test_plugin_sets_the_cli_thread_env_before_torch(thread_project):
+    done = _pytest(thread_project, "-s")
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    # set before the conftest imported torch, as `moebench` sets them before torch loads
+    assert "ENV 10000 omp tbb workqueue 10000" in output
+    assert "ThreadEnvWarning" not in output
+
+
+def test_plugin_warns_once_where_torch_came_first(thread_project):
+    (thread_project / "conftest.py").write_text("SEEN = None\n")
+    done = _pytest(thread_project, "-s", torch_first=True)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert output.count("not set as `moebench run` sets them") == 1, output  # two tests, one warning
+    assert "GOMP_SPINCOUNT='10000'" in output and "torch or numba was imported before" in output
+
+
+def test_plugin_thread_env_off_leaves_the_environment_and_warns(thread_project):
+    done = _pytest(thread_project, "-s", "--moebench-thread-env=off")
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "ENV None None None" in output
+    assert output.count("--moebench-thread-env=off") == 1, output

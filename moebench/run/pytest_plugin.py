@@ -19,8 +19,17 @@ kernels. ``quick=True`` applies --quick sizes. When the test also uses the
 ``benchmark.extra_info`` (and so in --benchmark-json files). A router that does not apply to
 the case, or a CUDA case without CUDA, skips the test.
 
+Thread environment: `moebench run` gives its process the thread variables of
+`moebench.run.threads` (an OpenMP spin count, numba on an OpenMP pool) before torch loads; they
+change route times several-fold on a small machine. The plugin does the same when pytest
+configures it (``pytest_configure``: before test modules, and usually torch, are imported), with
+the same rule: a variable the user set wins. Where torch or numba was imported before that (a
+plugin loaded earlier, ``python -c "import torch, pytest; ..."``), the variables can no longer
+take effect: the first ``moebench_phase`` call then warns once, naming each variable and the
+value to export. ``--moebench-thread-env=off`` leaves the environment alone (and warns likewise).
+
 Importing this module imports only pytest: torch and moebench load when the fixture is used,
-so the plugin costs nothing to test runs that do not use it.
+so the plugin costs nothing to test runs that do not use it (beyond the two variables).
 """
 
 from __future__ import annotations
@@ -32,6 +41,53 @@ from typing import Any, Callable
 import pytest
 
 PHASE_NAMES = ("route", "dispatch", "combine")
+_THREAD_ENV_KEY = "moebench_thread_env"  # config.stash-like attribute: what pytest_configure decided
+
+
+class ThreadEnvWarning(pytest.PytestWarning):
+    """The test process's thread variables differ from `moebench run`'s: times may differ."""
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--moebench-thread-env", choices=("set", "off"), default="set",
+                     help="moebench: give the test process `moebench run`'s thread variables before torch loads "
+                          "(set, default) or leave the environment alone (off)")
+
+
+def _settle(config: pytest.Config, choice: str | None) -> None:
+    from moebench.run.threads import settle
+
+    setattr(config, _THREAD_ENV_KEY, settle() if choice != "off" else None)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, parser, args) -> None:
+    """Settle the thread variables as the `moebench` command does, before the first conftest.py
+    (which may import torch) and the test modules load (pytest calls this for installed and
+    ``-p`` plugins only)."""
+    _settle(early_config, getattr(early_config.known_args_namespace, "moebench_thread_env", "set"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, _THREAD_ENV_KEY):  # registered too late for the hook above
+        _settle(config, config.getoption("moebench_thread_env", "set"))
+
+
+def thread_env_problem(origins: dict | None) -> str | None:
+    """Why this process's thread variables differ from `moebench run`'s, or None where they match
+    (set by moebench, or by the user, whose choice `moebench run` keeps too). ``origins``: what
+    `moebench.run.threads.settle` decided at start-up (None: it was not called)."""
+    from moebench.run.threads import SETTINGS
+
+    set_by = origins if origins is not None else {var: None for var in SETTINGS}
+    missing = [var for var in SETTINGS if set_by.get(var) not in ("moebench", "user")]
+    if not missing:
+        return None
+    why = ("--moebench-thread-env=off" if origins is None else
+           "torch or numba was imported before moebench's pytest plugin was configured")
+    values = " ".join(f"{var}='{SETTINGS[var][0]}'" for var in missing)
+    return (f"moebench_phase: {', '.join(missing)} not set as `moebench run` sets them ({why}); times may differ "
+            f"from `moebench run`'s (several-fold on a small machine). Export them before pytest starts: {values}")
 
 
 def _select_case(suite, cases: list, case: int | str | dict):
@@ -108,6 +164,13 @@ class PhaseFactory:
         problem = mode_problem(timing.mode, c.device)
         if problem:
             pytest.skip(f"{c.case_id}: {problem}")
+        if c.device == "cpu" and not self._cache.get("thread_env_checked"):
+            self._cache["thread_env_checked"] = True  # once per session
+            problem = thread_env_problem(getattr(self._request.config, _THREAD_ENV_KEY, None))
+            if problem:
+                import warnings
+
+                warnings.warn(ThreadEnvWarning(problem), stacklevel=2)
         if c.device == "cpu":
             from moebench.run.timing import pinned_threads
 
