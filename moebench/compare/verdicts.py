@@ -30,6 +30,7 @@ output are in `moebench.compare.summary`.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,7 +38,6 @@ from moebench.compare.sides import MODES, Scale, load_side, num, resolve_mode  #
 from moebench.compare.summary import NOT_ENOUGH_ROUNDS, Group, format_text, summarize  # noqa: F401 (API)
 from moebench.compare.times import judge_times
 from moebench.core.errors import MoebenchError, did_you_mean
-from moebench.compare.tolerance import tolerate_training
 from moebench.compare.tolerance import tolerate_training
 from moebench.core.metrics import Metric, all_metrics, metric as metric_of
 from moebench.core.rows import is_ok
@@ -273,7 +273,6 @@ def _compare_row(key, row_a, row_b, names, sa: Scale, sb: Scale, noise, gates) -
         if info.deterministic:
             _deterministic(v, info)
             tolerate_training(v, row_a, row_b)  # cross-machine rule for trained rows (compare/tolerance.py)
-            tolerate_training(v, row_a, row_b)  # cross-machine rule for trained rows (compare/tolerance.py)
         elif is_median:
             _median(v, row_a, row_b, sa, sb, noise)
             if v.ratio is not None:
@@ -301,11 +300,9 @@ def _metric_names(metrics: str, rows: list[dict]) -> list[str]:
     present = {c for r in rows for c in r if metric_of(c) is not None}
     order = {n: i for i, n in enumerate(known)}
 
-    def key(c: str):
-        if c in order:
-            return (order[c], 0, c)
-        ep = c.split(".")[1][2:]
-        return (len(order), int(ep), c)
+    def key(c: str):  # columns of a family (model.ep8.layer_ms) after the named ones, numbers by value
+        parts = re.split(r"(\d+)", c)
+        return (order.get(c, len(order)), [int(p) if p.isdigit() else 0 for p in parts[1::2]], c)
 
     return [c for c in sorted(present, key=key) if keep is None or keep(metric_of(c))]
 
