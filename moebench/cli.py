@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from moebench import __version__
+from moebench.core import kinds
 from moebench.core.errors import MoebenchError
 from moebench.core.paths import output_problem, write_output
 
@@ -35,10 +36,9 @@ def _cmd_run(args) -> int:
         from moebench.run.shards import check_resume_shard
 
         check_resume_shard(Path(args.resume), shard)
-    if suite.parallel is not None:  # under torchrun, ranks other than 0 only follow rank 0
-        from moebench.kinds.parallel.launch import follow_if_torchrun
-
-        code = follow_if_torchrun(suite)
+    launch = kinds.of(suite).launch  # a kind that starts processes of its own (moebench/core/kinds.py)
+    if launch is not None:  # under torchrun, ranks other than 0 only follow rank 0
+        code = launch.follow(suite)
         if code is not None:
             return code
     options = RunOptions(
@@ -49,12 +49,10 @@ def _cmd_run(args) -> int:
         command="moebench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         isolate=False if args.no_isolate else None,
     )
-    if suite.parallel is None and not shard:  # torchrun: the ranks split the cases (one GPU each)
-        from moebench.kinds.parallel.launch import under_torchrun
+    if launch is None and not shard:  # torchrun: the ranks split the cases (one GPU each)
+        from moebench.run.shards import torchrun_sweep, under_torchrun
 
         if under_torchrun():
-            from moebench.run.shards import torchrun_sweep
-
             return torchrun_sweep(suite, options, args.no_report, Path(args.reports))
     opened = {}
 
@@ -81,10 +79,8 @@ def _cmd_run(args) -> int:
         print(f"moebench: error: {exc}{where}", file=sys.stderr)
         return 2
     finally:
-        if suite.parallel is not None:
-            from moebench.kinds.parallel.launch import release_followers
-
-            release_followers()
+        if launch is not None:
+            launch.release(suite)
     rows = run.rows()
     counts = {s: sum(r.get("status") == s for r in rows) for s in ("ok", "skipped", "error")}
     print(f"results: {run.path} ({counts['ok']} ok, {counts['skipped']} skipped, {counts['error']} errors)")
@@ -310,9 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     schema.add_argument("--out", help="write it to this file")
     schema.set_defaults(fn=_cmd_schema)
 
-    from moebench.kinds.traces.cli import add_parser as add_trace_parser  # argparse only; recording imports lazily
-
-    add_trace_parser(sub)
+    for kind in kinds.kinds().values():  # the kinds' own subcommands (`trace`)
+        if kind.commands is not None:
+            kind.commands(sub)
     return parser
 
 
@@ -338,7 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     from moebench.run.threads import settle
 
     settle()
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except MoebenchError as exc:  # a kind plugin that fails to load: one line, not a traceback
+        print(f"moebench: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     notices, logger = _Notices(), logging.getLogger("moebench")
     logger.addHandler(notices)
     try:

@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 pytest.importorskip("safetensors")
 
 from moebench.cli import main  # noqa: E402
+from moebench.kinds.traces.readers import open_trace  # noqa: E402
 from moebench.kinds.traces.format import (  # noqa: E402
-    HEADER, TENSORS, LayerTrace, TraceError, index_only_logits, new_header, open_trace, read_trace, write_trace,
+    HEADER, TENSORS, LayerTrace, TraceError, index_only_logits, new_header, read_trace, write_trace,
 )
 
 

@@ -8,7 +8,8 @@ import torch
 
 pytest.importorskip("safetensors")
 
-from moebench.kinds.traces.format import TraceError, open_trace, read_trace, write_trace  # noqa: E402
+from moebench.kinds.traces.format import TraceError, read_trace, write_trace  # noqa: E402
+from moebench.kinds.traces.readers import open_trace  # noqa: E402
 from moebench.kinds.traces.megatron import read_megatron  # noqa: E402
 
 E, K, LAYERS, STEPS, RANKS, TOKENS = 12, 3, (1, 3), 3, 2, 5

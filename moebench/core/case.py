@@ -160,5 +160,15 @@ class Suite:
     routers: tuple[NamedSpec, ...]
     cases: tuple[Case, ...]
     timing: TimingSpec
-    train: Any = None  # moebench.kinds.train.spec.TrainSpec of a training suite, else None
-    parallel: Any = None  # moebench.kinds.parallel.spec.ParallelSpec of an expert-parallel suite, else None
+    kind: str = "routing"  # the kind of case (moebench/core/kinds.py): whose rows the run loop asks for
+    blocks: dict = field(default_factory=dict)  # kind name -> its parsed suite block (e.g. "train": TrainSpec)
+
+    @property
+    def train(self) -> Any:
+        """The TrainSpec of a training suite (moebench/kinds/train/spec.py), else None."""
+        return self.blocks.get("train")
+
+    @property
+    def parallel(self) -> Any:
+        """The ParallelSpec of an expert-parallel suite (moebench/kinds/parallel/spec.py), else None."""
+        return self.blocks.get("parallel")

@@ -30,6 +30,13 @@ class UnknownNameError(MoebenchError):
         super().__init__(f"unknown {kind} {name!r}{did_you_mean(name, known)}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI cancel, `kill`), raised in the main thread while
+    `moebench.run.session.sigterm_as_interrupt` is active, so that it ends a run exactly as
+    Ctrl-C does. Here, not in the session, so that whatever starts processes of its own (the
+    parallel kind's launcher) can raise it without importing the run loop."""
+
+
 class WorkloadMismatchError(MoebenchError):
     """A router asked for inputs (token ids, hidden states) that the workload does not make."""
 

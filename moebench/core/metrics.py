@@ -8,25 +8,17 @@ comparisons never guess.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import replace
+from fnmatch import fnmatchcase
+from typing import Iterator
 
 import torch
 
+from moebench.core import kinds
+from moebench.core.errors import MoebenchError
+from moebench.core.kinds import Direction, Metric  # noqa: F401  (Metric and Direction are read from here)
 from moebench.core.routing import Routing
-
-Direction = Literal["lower", "higher", "none"]
-
-
-@dataclass(frozen=True)
-class Metric:
-    """name, direction (which way is better), whether the value is reproducible bit-for-bit
-    from the seed (deterministic) or a measurement (timing), and what it means."""
-
-    name: str
-    direction: Direction
-    deterministic: bool
-    description: str
 
 
 _ROUTING_METRICS = [
@@ -52,29 +44,6 @@ _ROUTING_METRICS = [
     Metric("gate_entropy", "none", True, "mean_t H(p_t) in nats"),
 ]
 
-# Final-row columns of trained routers (moebench/kinds/train/; end of training, mean over seeds).
-# Each also has <name>_ci_low/_ci_high (95% interval over seeds, direction none).
-_TRAIN_METRICS = [
-    Metric("train_loss", "lower", True, "task loss on the training batches of the last eval interval"),
-    Metric("eval_loss", "lower", True, "task loss on the held-out set"),
-    Metric("perplexity", "lower", True, "exp(eval_loss) on a language task"),
-    Metric("maxvio_batch", "lower", True, "(max c - mean c)/mean c per held-out batch, mean over batches"),
-    Metric("maxvio_global", "lower", True, "(max c - mean c)/mean c over the whole held-out set"),
-    Metric("maxvio_batch_worst", "lower", True, "largest maxvio_batch at any evaluation of any seed"),
-    Metric("train_maxvio_batch", "lower", True, "maxvio of the training batches of the last eval interval"),
-    Metric("dead_experts", "lower", True, "experts receiving no token over the held-out set"),
-    Metric("nmi", "higher", True, "normalised mutual information of ground-truth group and chosen expert"),
-    Metric("fluctuation", "lower", True, "share of probe tokens whose top-1 expert changed in the last interval"),
-    Metric("settle_step", "lower", True, "mean over probe tokens of the last step their top-1 expert changed"),
-    Metric("bias_flip_rate", "none", True,
-           "share of experts whose expert-bias update reversed direction from one step to the next (last interval)"),
-    Metric("maxvio_global_floor", "none", True,
-           "expected maxvio_global of an ideal balanced token-choice router: each held-out token on k uniform random experts"),
-    Metric("maxvio_batch_floor", "none", True, "the same floor for one batch of the case's tokens"),
-    Metric("seeds_trained", "none", True, "training seeds aggregated in the row"),
-    Metric("train.step_ms", "lower", False, "median wall time of one training step (last interval)"),
-]
-
 _PHASE_FIELDS = [
     Metric("median_ms", "lower", False, "median time of one call"),
     Metric("mean_ms", "lower", False, "mean time of one call"),
@@ -97,57 +66,74 @@ _PHASE_FIELDS = [
 
 PHASES = ("route", "dispatch", "combine")
 
-METRICS: dict[str, Metric] = {m.name: m for m in _ROUTING_METRICS}
-for _m in _TRAIN_METRICS:
-    METRICS[_m.name] = _m
-for _name in ("train_loss", "eval_loss", "perplexity", "maxvio_batch", "maxvio_global", "train_maxvio_batch",
-              "imbalance", "drop_rate", "dead_experts", "gate_entropy", "aux_loss", "z_loss", "nmi",
-              "fluctuation", "settle_step", "bias_flip_rate"):  # = moebench.kinds.train.aggregate.FINAL
-    for _end in ("ci_low", "ci_high"):
-        METRICS[f"{_name}_{_end}"] = Metric(f"{_name}_{_end}", "none", True, f"95% interval over seeds of {_name}: {_end}")
-for _phase in PHASES:
-    for _f in _PHASE_FIELDS:
-        METRICS[f"{_phase}.{_f.name}"] = Metric(f"{_phase}.{_f.name}", _f.direction, False, f"{_phase}: {_f.description}")
+ROUTING_METRICS: dict[str, Metric] = {m.name: m for m in _ROUTING_METRICS}
+PHASE_METRICS: dict[str, Metric] = {
+    f"{phase}.{f.name}": Metric(f"{phase}.{f.name}", f.direction, False, f"{phase}: {f.description}")
+    for phase in PHASES for f in _PHASE_FIELDS}
+
+_ALL: tuple[int, dict[str, Metric], list[Metric]] | None = None  # (id of the kinds loaded, exact, patterns)
 
 
-# Columns of parallel rows (moebench/kinds/parallel/rows.py). Engine rows measure times on the
-# ranks (not reproducible); the rank loads and traffic shares follow from the routing. Model rows
-# carry ``model.ep<N>.<field>``, all predicted by the cost model from the routing: reproducible.
-_PARALLEL_METRICS = [
-    Metric("rank_imbalance", "lower", True, "max / mean of the rows each rank's experts process"),
-    Metric("rank_imbalance_contiguous", "lower", True, "rank_imbalance of the same routing on the contiguous layout"),
-    Metric("remote_fraction", "lower", True, "share of dispatched rows that leave their rank"),
-    Metric("inter_node_fraction", "lower", True, "share of dispatched rows that cross nodes"),
-    Metric("straggler_ratio", "lower", False, "slowest rank's layer time / mean over ranks"),
-    Metric("expert_straggler_ratio", "lower", False, "slowest rank's expert time / mean over ranks"),
-    *(Metric(f"{p}_ms", "lower", False, f"{p}: max over ranks of each rank's median")
-      for p in ("layer", "a2a", "expert", "permute", "dispatch", "combine", "unpermute")),
-]
-_MODEL_FIELDS = {f: "lower" for f in ("dispatch_ms", "combine_ms", "expert_ms", "layer_ms", "rank_imbalance",
-                                      "straggler_ratio", "remote_fraction")}
+def _tables() -> tuple[dict[str, Metric], list[Metric]]:
+    global _ALL
+    found = kinds.kinds()
+    if _ALL is None or _ALL[0] != id(found):
+        exact: dict[str, Metric] = dict(ROUTING_METRICS)
+        for kind in found.values():
+            for m in kind.metrics:
+                seen = exact.get(m.name) or PHASE_METRICS.get(m.name)
+                if seen is not None and (seen.direction, seen.deterministic) != (m.direction, m.deterministic):
+                    raise MoebenchError(f"kind {kind.name!r}: metric {m.name!r} is {m.direction}/"
+                                        f"{'deterministic' if m.deterministic else 'measured'}, but it is already "
+                                        f"{seen.direction}/{'deterministic' if seen.deterministic else 'measured'}")
+                exact.setdefault(m.name, m)
+        exact.update(PHASE_METRICS)
+        _ALL = (id(found), exact, [m for m in exact.values() if "*" in m.name])
+    return _ALL[1], _ALL[2]
 
 
 def all_metrics() -> dict[str, Metric]:
-    """Every metric with a fixed column name, by name (routing, training, phase, parallel). Model
-    rows' ``model.ep<N>.<field>`` columns are found by :func:`metric`."""
-    return {**METRICS, **{m.name: m for m in _PARALLEL_METRICS}}
+    """name -> Metric for every column a row of any kind can carry: the routing metrics, each
+    kind's metrics (in kind order), then the phase times. A name with ``*`` stands for a
+    family of columns (see `metric`)."""
+    return dict(_tables()[0])
 
 
 def metric(column: str) -> Metric | None:
-    """The Metric of a row column, or None when the column is not a metric (an axis, a label)."""
-    found = METRICS.get(column) or next((m for m in _PARALLEL_METRICS if m.name == column), None)
-    if found:
-        return found
-    head, _, field = column.rpartition(".")
-    if head.startswith("model.ep") and head[8:].isdigit() and field in _MODEL_FIELDS:
-        return Metric(column, _MODEL_FIELDS[field], True, f"cost model at EP {head[8:]}: {field}")
-    return None
+    """The Metric of a row column: by its name, else that of the first family (``*`` name) it
+    matches, named ``column``; None for a column that is no metric (an axis, a label, JSON)."""
+    exact, patterns = _tables()
+    found = exact.get(column)
+    if found is None:
+        family = next((m for m in patterns if fnmatchcase(column, m.name)), None)
+        found = replace(family, name=column) if family else None
+    return found
 
 
 def direction(column: str) -> Direction:
     """Which way is better for a row column ('none' for columns that are not metrics)."""
     found = metric(column)
     return found.direction if found else "none"
+
+
+class _AllMetrics(Mapping):
+    """`METRICS`: a read-only view of `all_metrics()`, filled on first use (the kinds load
+    then), so every reader sees each kind's metrics."""
+
+    def __getitem__(self, name: str) -> Metric:
+        return _tables()[0][name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_tables()[0])
+
+    def __len__(self) -> int:
+        return len(_tables()[0])
+
+    def __repr__(self) -> str:
+        return f"METRICS({len(self)} metrics)"
+
+
+METRICS: Mapping[str, Metric] = _AllMetrics()
 
 
 def _cv(x: torch.Tensor) -> float:
@@ -182,7 +168,7 @@ def expert_loads(routing: Routing) -> torch.Tensor:
 
 
 def routing_metrics(routing: Routing) -> dict[str, float]:
-    """All routing metrics of one batch as plain floats (see METRICS for their meaning)."""
+    """All routing metrics of one batch as plain floats (see ROUTING_METRICS for their meaning)."""
     e, t, k = routing.num_experts, routing.num_tokens, routing.top_k
     c = expert_loads(routing)
     d = routing.demand().double()

@@ -19,11 +19,15 @@ from moebench.core.registry import Registry
 from moebench.routers.base import RouteInputs
 
 
-def _load_trace_workloads() -> None:
-    import moebench.kinds.traces.workload  # noqa: F401  (trace, trace_fit: replays of recorded routing)
+def _load_kind_workloads() -> None:
+    """The kinds' workloads, by module name (moebench/core/kinds.py `Kind.workloads`), e.g. the
+    traces kind's trace and trace_fit (replays of recorded routing)."""
+    from moebench.core.kinds import import_plugins
+
+    import_plugins("workloads")
 
 
-WORKLOADS = Registry("workload", _load_trace_workloads)  # the rest are defined in this module
+WORKLOADS = Registry("workload", _load_kind_workloads)  # the rest are defined in this module
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,14 @@ from moebench.report import route_pivot as side_by_side
 
 from moebench.report import tables
 from moebench.report.markdown import legend, markdown_table
+from moebench.report.summary import time_cell_marks
 from moebench.core.errors import MoebenchError
 from moebench.report.html import write_html
 from moebench.core.paths import folder_name_problem, inside
 from moebench.store.runs import RunDir, effective_status, load_run
 from moebench.core.scaling import scaling_table
 from moebench.report.route_pivot import side_by_side_table
-from moebench.kinds.traces.section import trace_section
+from moebench.core import kinds
 
 REPORT = "report.md"
 
@@ -211,8 +212,9 @@ def table_section(name: str, title: str, note: str = "") -> Section:
         body = [f"## {title}", ""]
         if note:
             body += [note, ""]
+        marks, tied = time_cell_marks(table, data.rows, _baselines(data))  # † and CI ties
         body.append(markdown_table(table, hide=_hidden(data), bold=name != "skipped",
-                                   references=_baselines(data)))
+                                   references=_baselines(data), marks=marks, tied=tied))
         line = legend([c for c in table.columns if c not in _hidden(data)])
         if line and not table.empty:
             body += ["", line]
@@ -288,27 +290,25 @@ def _plots(data: ReportData, out_dir: Path) -> str | None:
     return "\n".join(body)
 
 
-def _training(data: ReportData, out_dir: Path) -> str | None:
-    """Training runs: ranking, curves, specialisation (moebench/kinds/train/section.py)."""
-    from moebench.kinds.train.section import training_section
+def kind_sections(place: str) -> Section:
+    """The report sections of every kind (moebench/core/kinds.py `Kind.section`) placed at
+    ``place``: "lead" (after the summary: training, expert parallelism) or "inputs" (after the
+    provenance: trace statistics), in kind order."""
 
-    return training_section(data, out_dir)
+    def sections(data: ReportData, out_dir: Path) -> str | None:
+        parts = [text for kind in kinds.kinds().values()
+                 if kind.section is not None and kind.section_at == place and (text := kind.section(data, out_dir))]
+        return "\n\n".join(parts) or None
 
-
-def _parallel(data: ReportData, out_dir: Path) -> str | None:
-    """Expert-parallel rows (moebench/kinds/parallel/section.py); None without any."""
-    from moebench.kinds.parallel.section import parallel_section
-
-    return parallel_section(data, out_dir)
+    return sections
 
 
 SECTIONS: list[Section] = [
     _title,
     _summary,  # the verdict before everything else (issue #21)
-    _training,  # a kind's own sections lead its report: training curves, ranks (issue #21)
-    _parallel,
+    kind_sections("lead"),  # a kind's own sections lead its report: training curves, ranks (issue #21)
     _provenance,
-    trace_section,
+    kind_sections("inputs"),
     table_section("balance", "Load balance",
                   "Per-expert loads after capacity (streams: mean over the batches)."),
     table_section("drops", "Dropped tokens",
@@ -316,7 +316,9 @@ SECTIONS: list[Section] = [
     table_section("throughput", "Throughput",
                   "Per phase: median and IQR of one call in ms, tokens/s at the median, peak MB "
                   "(where measurable). Timed on the first batch. A phase that was not timed reads "
-                  "`skipped` or `error` (see Phases not timed)."),
+                  "`skipped` or `error` (see Phases not timed). † a median whose 95% CI is missing (too "
+                  "few rounds) or wider than 25% of it; a case whose fastest CI overlaps another "
+                  "router's has no bold time (a tie)."),
     phase_status.section,
     _side_by_side,
     table_section("streams", "Streams",

@@ -6,7 +6,8 @@ A third-party package declares, in its pyproject.toml::
     my_router = "my_package.routers"
 
 Loading the entry point imports that module (or calls it, if it names a callable), which runs
-its ``@register("my_router")`` decorators.
+its ``@register("my_router")`` decorators. A kind of case (moebench/core/kinds.py) may bring
+routers too: its ``Kind.routers`` modules are imported the same way, by name.
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 
 from moebench.core.errors import MoebenchError
+from moebench.core.kinds import import_plugins
 from moebench.core.registry import Registry, options_of
 
 ENTRY_POINT_GROUP = "moebench.routers"
 
 
 def _load() -> None:
-    import moebench.routers.catalog  # noqa: F401  (registers the built-in routers)
-    import moebench.peers  # noqa: F401  (peer adapters: peer:*; their libraries load on first route)
-    import moebench.kinds.traces.router  # noqa: F401  (recorded: a trace's own choices)
-
+    # the kinds' routers, by module name (moebench/core/kinds.py `Kind.routers`): the catalog
+    # and the peers (peer:*; their libraries load on first route) from the routing kind,
+    # `recorded` (a trace's own choices) from the traces kind. By name, not by import: the
+    # router modules import this registry.
+    import_plugins("routers")
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             loaded = ep.load()

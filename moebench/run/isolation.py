@@ -222,6 +222,12 @@ WORKERS = WorkerPool()
 atexit.register(WORKERS.shutdown)
 
 
+def worker_numba_layer() -> str | None:
+    """The threading layer numba's parallel kernels ran on in this process's isolated worker;
+    None where no worker ran one (the run's meta.json records it)."""
+    return WORKERS.numba_layer
+
+
 def isolated_rows(case: Case, timing: TimingSpec, base_row: dict, routers: list[NamedSpec],
                   skip: set[str] = frozenset()) -> Iterator[RowResult]:
     """What ``CaseRunner(case, timing, base_row).rows(routers, skip)`` yields, measured in the

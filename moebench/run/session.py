@@ -15,16 +15,17 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from moebench import __version__
+from moebench.core import kinds
 from moebench.core.case import Case, Suite
+from moebench.run.isolation import worker_numba_layer
 from moebench.run.machine import capture_environment, load_snapshot, numba_layer_in_use
-from moebench.core.errors import MoebenchError
+from moebench.core.errors import MoebenchError, Terminated  # Terminated: still importable from here
 from moebench.run.reference_kernel import reference_meta
 from moebench.core.paths import under
 from moebench.store.runs import RunDir, load_run, new_run_id, suite_yaml_copy, utc_now
 from moebench.store.lock import RunLock, describe, process_identity
-from moebench.run.runner import CaseRunner, cuda_available, quick_case, quick_timing, router_declarations
+from moebench.run.runner import cuda_available, quick_case, quick_timing, router_declarations
 
-DEVICE_CHOICES = ("cpu", "cuda", "all")
 HEARTBEAT_S = 30.0  # meta.json heartbeat_at is refreshed at most this often (between cases)
 log = logging.getLogger("moebench.run.session")
 
@@ -76,6 +77,7 @@ def plan_cases(suite: Suite, device: str | None, quick: bool) -> list[Case]:
 
 def _meta(suite: Suite, options: RunOptions, run_id: str, cases: list[Case]) -> dict:
     devices = sorted({c.device for c in cases})
+    kind = kinds.of(suite)
     return {
         "run_id": run_id,
         "suite": suite.name,
@@ -93,8 +95,7 @@ def _meta(suite: Suite, options: RunOptions, run_id: str, cases: list[Case]) -> 
         "routers": [r.display for r in suite.routers],
         "router_declarations": router_declarations(suite.routers),  # baseline, case notes (reports)
         "load": {"start": load_snapshot()},  # the report says how busy the machine was
-        # train variants train only their own routers (else the report's default: cases x routers)
-        **({"planned_rows": suite.train.planned_rows(cases, suite.routers)} if suite.train is not None else {}),
+        **(kind.meta(suite, cases) if kind.meta is not None else {}),  # e.g. a train suite's planned_rows
         "timing": vars(run_timing(suite, options)),
         **({"overrides": overrides(options)} if overrides(options) else {}),
         "environment": capture_environment(devices),
@@ -148,25 +149,12 @@ def open_run(suite: Suite, options: RunOptions, cases: list[Case]) -> RunDir:
 
 
 def case_rows(suite: Suite, case: Case, timing, base_row: dict, skip: set[str], quick: bool = False) -> Iterable:
-    """The RowResults of one case, one per router not in ``skip``: the one place where a new
-    kind of case (isolated, trained, parallel) plugs into the run loop.
-
-    With ``timing.isolate`` the routers run in a worker process (moebench/run/isolation.py): a
-    router that segfaults, hangs past ``timing.timeout_s`` or exits gives an error row. quick:
-    the run is `--quick` (training shortens itself to a smoke run)."""
-    if suite.train is not None:  # a training suite: one trained MoE layer per router (moebench/kinds/train/)
-        from moebench.kinds.train.loop import train_rows
-
-        return train_rows(suite, case, timing, base_row, skip, quick)
-    if suite.parallel is not None:  # expert-parallel ranks or the cost model (moebench/kinds/parallel/)
-        from moebench.kinds.parallel.rows import parallel_rows
-
-        return parallel_rows(suite, case, timing, base_row, skip)
-    if timing.isolate:
-        from moebench.run.isolation import isolated_rows
-
-        return isolated_rows(case, timing, base_row, list(suite.routers), skip)
-    return CaseRunner(case, timing, base_row).rows(list(suite.routers), skip)
+    """The RowResults of one case, one per router not in ``skip``: the suite's kind says how
+    (`Kind.rows`, moebench/core/kinds.py: plain routing, training, expert parallelism, a
+    plugin's). quick: the run is `--quick` (training shortens itself to a smoke run)."""
+    kind = kinds.of(suite)
+    rows = kind.rows if kind.rows is not None else kinds.get(kinds.ROUTING).rows
+    return rows(suite, case, timing, base_row, skip, quick)
 
 
 def execute(
@@ -226,9 +214,7 @@ def execute(
 def _numba_layer_used() -> str | None:
     """The threading layer numba's kernels ran on in this run: in the isolated worker where one
     ran cases, else in this process; None where no numba parallel kernel ran."""
-    isolation = sys.modules.get("moebench.run.isolation")
-    worker_layer = getattr(getattr(isolation, "WORKERS", None), "numba_layer", None)
-    return worker_layer or numba_layer_in_use()
+    return worker_numba_layer() or numba_layer_in_use()
 
 
 def _stopped_by(exc: BaseException) -> str:
@@ -238,11 +224,6 @@ def _stopped_by(exc: BaseException) -> str:
         return "SIGINT"
     first = (str(exc).splitlines() or [""])[0][:300]
     return f"error: {type(exc).__name__}: {first}"
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a CI cancel, `kill`), raised in the main thread while :func:`sigterm_as_interrupt`
-    is active, so that it ends a run exactly as Ctrl-C does."""
 
 
 @contextlib.contextmanager

@@ -167,6 +167,15 @@ def _count(value) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
+def under_torchrun() -> bool:
+    """This process is one of several torchrun started (its rank and world in the environment),
+    not a rank moebench launched itself (MOEBENCH_LAUNCHED, moebench/kinds/parallel/launch.py)."""
+    import os
+
+    return "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1 \
+        and "MOEBENCH_LAUNCHED" not in os.environ
+
+
 def torchrun_sweep(suite: Suite, options, no_report: bool, reports_root: Path) -> int:
     """``torchrun --nproc-per-node N -m moebench run suite.yaml`` for a suite without a
     ``parallel:`` block: rank r runs shard r/N of the cases (on GPU r when there are several)

@@ -4,7 +4,9 @@
 includes is `moebench.suite.files`. Every problem raises a
 one-line `SuiteError` naming the file, the field path (dots and ``[i]``) and what was expected.
 The field rules live in two tables, `AXES` and `TIMING`, which schema.py also reads, so the
-validator and the JSON Schema cannot drift apart.
+validator and the JSON Schema cannot drift apart. A kind's block (``train:``, ``parallel:``, a
+plugin's) is parsed, and may set axes and filter cases, through its `Kind.block` hooks
+(moebench/core/kinds.py): this module imports no kind.
 """
 
 from __future__ import annotations
@@ -29,8 +31,7 @@ from moebench.run.exec_modes import MODES
 from moebench.core.registry import Registry
 from moebench.routers.registry import ROUTERS
 from moebench.core.workloads import WORKLOADS
-from moebench.kinds.train.spec import parse_train, train_axes
-from moebench.kinds.train.tasks import TASKS
+from moebench.core import kinds
 
 NAME_PATTERN = FOLDER_NAME  # suite names end up in result directory names: never '.', '..' or 'a/b'
 LABEL_PATTERN = rf"[A-Za-z0-9_.+=-]{{1,{MAX_NAME_CHARS}}}"  # labels end up in case ids and table columns
@@ -38,8 +39,20 @@ MAX_DESCRIPTION_CHARS = 10_000
 MAX_MESSAGE_CHARS = 300  # an error quoting a long value stays a readable line
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
-TOP_LEVEL_KEYS = ("name", "version", "description", "include", "defaults", "grid", "routers", "timing", "train",
-                  "parallel")
+SUITE_KEYS = ("name", "version", "description", "include", "defaults", "grid", "routers", "timing")
+
+
+def top_level_keys() -> tuple[str, ...]:
+    """Every key a suite file may have at its top: the suite's own, then each kind's block
+    (``train``, ``parallel``, a plugin's; moebench/core/kinds.py)."""
+    return SUITE_KEYS + tuple(kinds.blocks())
+
+
+def __getattr__(name: str):
+    if name == "TOP_LEVEL_KEYS":  # built on first use: the kinds load then, not on import
+        return top_level_keys()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 SPEC_KEYS = ("name", "params", "label")
 MAX_CASES = 100_000  # a typo like `tokens: [1, 2, ..., 4096]` should fail fast, not hang
 
@@ -145,7 +158,7 @@ class _Validator:
             self.fail("", "the file is empty; expected a mapping of suite fields")
         if not isinstance(doc, dict):
             self.fail("", f"expected a mapping of suite fields, got {show(doc)}")
-        self.mapping(doc, "", TOP_LEVEL_KEYS)
+        self.mapping(doc, "", top_level_keys())
         for key in ("name", "version", "routers"):
             if key not in doc:
                 self.fail(key, "missing required field")
@@ -163,18 +176,23 @@ class _Validator:
             include_list(doc["include"], self.file)
         routers = self.routers(doc["routers"])
         timing = self.timing(doc.get("timing", {}))  # before the grid: a refusal never waits for its expansion
-        train = parse_train(doc["train"], self.fail, lambda item, f: self.named(item, f, TASKS),
-                            [r.display for r in routers]) if "train" in doc else None
-        cases = self.cases(doc, train)
+        kind, block = self.block(doc, routers)
+        cases = self.cases(doc, kind, block)
         sha256 = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
-        parallel = None
-        if "parallel" in doc:  # an expert-parallel suite (moebench/kinds/parallel/spec.py)
-            from moebench.kinds.parallel.spec import check_cases, parse_parallel
+        return Suite(name, version, description, self.file, doc, sha256, routers, cases, timing,
+                     kind=kind.name, blocks={kind.name: block} if kind.block is not None else {})
 
-            parallel = parse_parallel(doc["parallel"], self.fail)
-            check_cases(parallel, cases, self.fail)
-        return Suite(name, version, description, self.file, doc, sha256, routers, cases, timing, train=train,
-                     parallel=parallel)
+    def block(self, doc: dict, routers: tuple[NamedSpec, ...]) -> tuple[kinds.Kind, Any]:
+        """The suite's kind (the one whose block it has, else plain routing) and its parsed block."""
+        present = [(key, kind) for key, kind in kinds.blocks().items() if key in doc]
+        if len(present) > 1:
+            keys = [key for key, _ in present]
+            self.fail(keys[1], f"a suite is one kind of case: give only one of {', '.join(keys)}")
+        if not present:
+            return kinds.get(kinds.ROUTING), None
+        key, kind = present[0]
+        context = kinds.BlockContext(self.fail, self.named, routers, doc)
+        return kind, kind.block.parse(doc[key], context)
 
     def named(self, item: Any, field: str, registry: Registry) -> NamedSpec:
         """A registry name, or a {name, params, label} mapping, checked against ``registry``."""
@@ -254,13 +272,14 @@ class _Validator:
             out.append((value_, path))
         return out
 
-    def cases(self, doc: dict, train=None) -> tuple[Case, ...]:
+    def cases(self, doc: dict, kind: kinds.Kind, block: Any = None) -> tuple[Case, ...]:
         """The expanded grid. ``grid`` is one mapping of axes, or a list of them (a union of
         grids, e.g. tokens swept at one E and E swept at one T); repeated cases appear once."""
         defaults = self.mapping(doc.get("defaults", {}), "defaults", AXES)
         given = {a: self.axis_values(v, f"defaults.{a}", AXES[a], listable=False) for a, v in defaults.items()}
-        if train is not None:  # a train suite's tasks are its workloads (moebench/kinds/train/spec.py)
-            given.update(train_axes(doc, train, self.fail))
+        hooks = kind.block
+        if hooks is not None and hooks.axes is not None:  # e.g. a train suite's tasks are its workloads
+            given.update(hooks.axes(block, doc, self.fail))
         grid = doc.get("grid", {})
         if isinstance(grid, list):
             if not grid:
@@ -274,8 +293,8 @@ class _Validator:
         if total > MAX_CASES:
             self.fail("grid", f"expands to {total} cases (before removing repeats); at most {MAX_CASES} are allowed")
         parts = [self.expand(axes) for axes in grids]
-        if train is not None:  # the cases it trains, named by their training capacity (moebench/kinds/train/spec.py)
-            parts = [train.trained_cases(part) for part in parts]
+        if hooks is not None and hooks.cases is not None:  # e.g. the cases a train suite trains, or checked
+            parts = [hooks.cases(block, part, self.fail) for part in parts]
         unique = {c.case_id: c for part in parts for c in part}
         if len(unique) > MAX_CASES:
             self.fail("grid", f"expands to {len(unique)} cases; at most {MAX_CASES} are allowed")

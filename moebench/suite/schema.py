@@ -1,7 +1,8 @@
 """A JSON Schema (draft 2020-12) of the suite format, for editors and CI.
 
-Built from the validator's own tables (`suite.AXES`, `suite.TIMING`) and the registries, so a
-suite that `load_suite` accepts always validates against it. The schema is looser than the
+Built from the validator's own tables (`suite.AXES`, `suite.TIMING`), the registries and the
+kinds' blocks (moebench/core/kinds.py `Block.schema`), so a suite that `load_suite` accepts
+always validates against it. The schema is looser than the
 validator where JSON Schema cannot say more: cross-field rules (top_k <= experts,
 max_rounds >= min_rounds), unique labels, router/workload ``check()`` constraints, and the
 file-level view (it checks one file; a file with ``include:`` may leave required fields to
@@ -14,9 +15,11 @@ import types
 import typing
 from typing import Any, Literal
 
+from moebench.core import kinds
 from moebench.core.registry import Registry, options_of
 from moebench.routers.registry import ROUTERS
-from moebench.suite.load import AXES, LABEL_PATTERN, MAX_DESCRIPTION_CHARS, NAME_PATTERN, TIMING, Rule
+from moebench.suite.load import AXES, LABEL_PATTERN, MAX_DESCRIPTION_CHARS, NAME_PATTERN, TIMING
+from moebench.suite.rules import Rule
 from moebench.core.workloads import WORKLOADS
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
@@ -99,19 +102,21 @@ def suite_json_schema() -> dict:
         name: {"anyOf": [schema, {"type": "array", "minItems": 1, "items": schema}]} for name, schema in axes.items()
     }
     required_axes = [name for name, rule in AXES.items() if rule.required]
+    blocks = kinds.blocks()
     complete = {
         "required": ["name", "version", "routers"],
-        # a training suite's tasks stand in for the workload axis (moebench/kinds/train/spec.py)
-        "if": {"required": ["train"]},
-        "else": {"allOf": [
+        # each required axis in grid or defaults, unless a kind's block supplies it (a training
+        # suite's tasks stand in for the workload axis: moebench/kinds/train/spec.py)
+        "allOf": [
             {
                 "anyOf": [
                     {"required": ["grid"], "properties": {"grid": {"required": [axis]}}},
                     {"required": ["defaults"], "properties": {"defaults": {"required": [axis]}}},
+                    *({"required": [key]} for key, kind in blocks.items() if axis in kind.block.supplies),
                 ]
             }
             for axis in required_axes
-        ]},
+        ],
     }
     return {
         "$schema": DRAFT,
@@ -132,10 +137,8 @@ def suite_json_schema() -> dict:
                 ]
             },
             "routers": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/router"}},
-            # a training suite's settings (moebench/kinds/train/spec.py); checked by the validator
-            "train": {"type": "object"},
-            # an expert-parallel suite's settings (moebench/kinds/parallel/spec.py); checked by the validator
-            "parallel": {"type": "object"},
+            # each kind's block (train:, parallel:, a plugin's): its own schema, checked by the validator
+            **{key: kind.block.schema for key, kind in blocks.items()},
             "timing": {
                 "type": "object",
                 "additionalProperties": False,

@@ -25,18 +25,13 @@ from contextlib import contextmanager
 
 import torch.distributed as dist
 
-from moebench.core.errors import MoebenchError
+from moebench.core.errors import MoebenchError, Terminated
 from moebench.kinds.parallel.engine import EngineJob, RankFailure, backend_for, ensure_group, run_job
+from moebench.run.shards import under_torchrun
 
 
 class LaunchFailure(MoebenchError):
     """A launched rank failed (exited, was killed, or reported a failed collective)."""
-
-
-def under_torchrun() -> bool:
-    """This process is one of several torchrun started (its rank and world in the environment)."""
-    return "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1 \
-        and "MOEBENCH_LAUNCHED" not in os.environ
 
 
 def torchrun_rank() -> int | None:
@@ -173,8 +168,6 @@ def _own_signals():
         yield
     except SignalException as exc:
         if exc.sigval == signal.SIGTERM:
-            from moebench.run.session import Terminated
-
             raise Terminated(f"signal {int(exc.sigval)}") from None
         raise KeyboardInterrupt(str(exc)) from None
     finally:

@@ -30,8 +30,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from moebench.core.errors import did_you_mean
 from moebench.kinds.parallel.placement import EPLB_POLICIES, PLACEMENTS
 from moebench.kinds.parallel.profiles import PROFILES
+from moebench.suite.rules import Rule
 
 MODES = ("engine", "model")
 EXPERTS = ("identity", "mlp")
@@ -81,8 +83,6 @@ class ParallelSpec:
 
 
 def _rules():
-    from moebench.suite.load import Rule  # the suite's own field rules (imported late: suite imports us)
-
     return {
         "mode": Rule("choice", choices=MODES, what="parallel mode"),
         "nodes": Rule("int", 1),
@@ -111,8 +111,6 @@ def parse_parallel(value: Any, fail: Callable[[str, str], None]) -> ParallelSpec
     allowed = ("ep", *rules)
     for key in value:
         if key not in allowed:
-            from moebench.core.errors import did_you_mean
-
             fail(f"parallel.{key}", f"unknown key {key!r}{did_you_mean(str(key), list(allowed))}")
     fields: dict[str, Any] = {}
     for key, rule in rules.items():

@@ -19,7 +19,7 @@ def _cmd_record(args) -> int:
 
 
 def _cmd_stats(args) -> int:
-    from moebench.kinds.traces.format import open_trace
+    from moebench.kinds.traces.readers import open_trace
     from moebench.kinds.traces.stats import fit_shape, markdown, trace_stats
 
     trace = open_trace(args.trace, args.experts)

@@ -203,7 +203,7 @@ def check_layer(layer: LayerTrace, header: dict, file, where: str) -> LayerTrace
 
 
 def read_trace(path: str | Path) -> Trace:
-    """Open a moebench trace folder (or its trace.json); Megatron folders go to `open_trace`."""
+    """Open a moebench trace folder (or its trace.json); `readers.open_trace` also opens Megatron folders."""
     path = Path(path)
     folder = path.parent if path.name == HEADER else path
     header_file, tensor_file = folder / HEADER, folder / TENSORS
@@ -326,15 +326,3 @@ def index_only_logits(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     rank_value = 10.0 - torch.arange(k, dtype=torch.float32, device=experts.device)
     logits.scatter_(1, experts, rank_value.expand(n, k))
     return logits
-
-
-def open_trace(path: str | Path, num_experts: int | None = None) -> Trace:
-    """A moebench trace folder or a Megatron-LM trace folder (router_trace_rank*.jsonl),
-    told apart by their files. ``num_experts``: E for Megatron traces without logits."""
-    path = Path(path)
-    folder = path.parent if path.is_file() else path
-    if not (folder / HEADER).exists() and folder.is_dir() and any(folder.glob("router_trace_rank*.jsonl")):
-        from moebench.kinds.traces.megatron import read_megatron
-
-        return read_megatron(folder, num_experts)
-    return read_trace(path)

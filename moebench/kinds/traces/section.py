@@ -34,7 +34,7 @@ def trace_section(data, out_dir: Path) -> str | None:
     paths = trace_paths(data.rows)
     if not paths:
         return None
-    from moebench.kinds.traces.format import open_trace
+    from moebench.kinds.traces.readers import open_trace
     from moebench.kinds.traces.stats import markdown, trace_stats
 
     experts = int(data.rows["experts"].iloc[0]) if "experts" in data.rows.columns and len(data.rows) else None

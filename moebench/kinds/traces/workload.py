@@ -75,7 +75,7 @@ class TraceWorkload(Workload):
     def trace(self, num_experts: int | None = None):
         cache = _cache(self)
         if "trace" not in cache:
-            from moebench.kinds.traces.format import open_trace
+            from moebench.kinds.traces.readers import open_trace
 
             cache["trace"] = open_trace(self.path, num_experts)
         return cache["trace"]
@@ -142,7 +142,7 @@ def load_shape(path: str) -> dict:
         if not shape.get("layers"):
             raise MoebenchError(f"{p}: 'layers' is missing or empty")
         return shape
-    from moebench.kinds.traces.format import open_trace
+    from moebench.kinds.traces.readers import open_trace
 
     return fit_shape(open_trace(path))
 

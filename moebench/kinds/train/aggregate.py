@@ -12,12 +12,8 @@ import math
 
 from scipy import stats
 
-# the end-of-training metrics of a final row (directions: moebench.core.metrics)
-FINAL = (
-    "train_loss", "eval_loss", "perplexity", "maxvio_batch", "maxvio_global", "train_maxvio_batch",
-    "imbalance", "drop_rate", "dead_experts", "gate_entropy", "aux_loss", "z_loss", "nmi",
-    "fluctuation", "settle_step", "bias_flip_rate",
-)
+from moebench.kinds.train.metrics import FINAL  # the end-of-training metrics (with their directions)
+
 
 
 def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float | None, float | None]:

@@ -44,10 +44,14 @@ With variants, each task x variant is one workload labelled `<task>+<variant>`.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, NoReturn
 
 from moebench.core.case import NamedSpec
+from moebench.core.errors import did_you_mean
+from moebench.suite.files import show
+from moebench.suite.rules import Rule
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 BIAS_UPDATES = ("sign", "magnitude")
@@ -162,14 +166,10 @@ def parse_train(value: Any, fail: Fail, named: Callable[[Any, str], NamedSpec],
     """The TrainSpec of a `train:` mapping. fail(field, message) raises the suite's SuiteError;
     named(item, field) validates a task spec against the task registry; routers: the suite's
     router labels (what a variant's `routers` may name)."""
-    from moebench.suite.load import Rule  # suite.py imports this module: resolve at call time
-    from moebench.suite.files import show
-
     if not isinstance(value, dict):
         fail("train", f"expected a mapping of training settings, got {show(value)}")
     for key in value:
         if key not in KEYS:
-            from moebench.core.errors import did_you_mean
             fail(f"train.{key}", f"unknown key {show(key)}{did_you_mean(str(key), list(KEYS))}")
     if "steps" not in value:
         fail("train.steps", "missing required field (how many optimizer steps to train)")
@@ -238,8 +238,6 @@ def parse_train(value: Any, fail: Fail, named: Callable[[Any, str], NamedSpec],
 
 def _sub_mapping(value: Any, field: str, keys, what: str, fail: Fail) -> dict:
     """``value`` checked as a mapping with keys among ``keys`` (one-line errors via ``fail``)."""
-    from moebench.suite.files import show
-
     if not isinstance(value, dict):
         fail(field, f"expected a mapping {{{', '.join(keys)}}}{' ' + what if what else ''}, got {show(value)}")
     for key in value:
@@ -249,11 +247,6 @@ def _sub_mapping(value: Any, field: str, keys, what: str, fail: Fail) -> dict:
 
 
 def _with_variants(base: TrainSpec, value: dict, fail: Fail, named, routers: list[str]) -> TrainSpec:
-    import re
-
-    from moebench.core.errors import did_you_mean
-    from moebench.suite.files import show
-
     variants = value["variants"]
     if not isinstance(variants, dict) or not variants:
         fail("train.variants", f"expected a non-empty mapping of variant name -> settings, got {show(variants)}")
