@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -124,3 +125,28 @@ def test_plugin_out_of_range_ids_give_error_rows_and_no_signal(isolate, tmp_path
         else:
             assert status == "error"
             assert reason.startswith(f"InvalidRouting: router 'fault_offset': expert_index out of range [0, 4)"), reason
+
+
+@settings(max_examples=40, deadline=None)
+@given(t=st.integers(1, 2500), e=st.integers(1, 70), scale=st.sampled_from([0.1, 1.0, 10.0, 100.0]),
+       seed=st.integers(0, 10**6), f64=st.booleans(), tol=st.sampled_from([1e-2, 1e-4, 1e-6]))
+def test_sinkhorn_numba_matches_the_torch_iteration(t, e, scale, seed, f64, tol):
+    from moebench.routers.sinkhorn import sinkhorn_scaling
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, e, generator=g, dtype=torch.float64 if f64 else torch.float32) * scale
+    k0, a0, a1, n_a = sinkhorn_scaling(x, tol, 200, impl="torch")
+    k1, b0, b1, n_b = sinkhorn_scaling(x, tol, 200, impl="numba")
+    assert torch.equal(k0, k1) and n_a == n_b
+    assert torch.allclose(b0, a0, rtol=1e-6, atol=0) and torch.allclose(b1, a1, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("t", [1, 16, 300, 4096])
+def test_sinkhorn_router_numba_routes_as_torch(k, t):
+    g = torch.Generator().manual_seed(t)
+    x = torch.randn(t, 64, generator=g)
+    for cap, policy in ((None, "position"), (math.ceil(1.25 * k * t / 64), "probs")):
+        ctx = RouteContext(top_k=k, capacity=cap, drop_policy=policy)
+        _same(create_router("sinkhorn", {"impl": "numba"}).route(RouteInputs(x), ctx),
+              create_router("sinkhorn", {"impl": "torch"}).route(RouteInputs(x), ctx))

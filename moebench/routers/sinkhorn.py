@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moebench.core import kernels
 from moebench.routers.base import RouteContext, RouteInputs, TokenChoiceRouter, top_k_experts
 from moebench.routers.registry import register
 from moebench.core.routing import Routing
@@ -25,7 +26,7 @@ BLOCK_ELEMENTS = 1 << 19
 
 
 def sinkhorn_scaling(
-    logits: torch.Tensor, tol: float = 1e-4, max_iters: int = 1000
+    logits: torch.Tensor, tol: float = 1e-4, max_iters: int = 1000, impl: str = "torch"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Megatron-Core's Sinkhorn iteration on exp(x), made safe for large logits.
 
@@ -46,6 +47,10 @@ def sinkhorn_scaling(
     at most FP32_SPREAD, else in float64, where only experts more than ~700 below a token's
     best logit underflow to 0 (an expert for which that holds on every row keeps a zero
     column: Megatron's eps guard, here a tiny clamp).
+
+    impl: the iteration in torch ops (this function's loop), or in one numba kernel call
+    (`moebench.core.kernels.sinkhorn_scale`: the same iteration and stop, float64 sums in
+    another order, so d0 and d1 agree to ~1e-15 relative), or auto (numba on CPU).
     """
     x = logits.detach()
     t, e = x.shape
@@ -57,6 +62,9 @@ def sinkhorn_scaling(
     else:
         xd = x.double()
         kernel = torch.sub(xd, xd.amax(dim=1, keepdim=True)).exp_()
+    if t and kernels.use_numba(impl, kernel, float32=False):
+        d0, d1, iters = kernels.sinkhorn_scale(kernel, tol, max_iters)
+        return kernel, d0, d1, iters
     rows = max(1, min(t, BLOCK_ELEMENTS // max(e, 1)))
     wide = torch.empty(rows, e, dtype=torch.float64, device=device) if kernel.dtype != torch.float64 else None
     # CPU: widen through numpy views, a plain loop on this thread. torch's copy_ is an OpenMP
@@ -136,7 +144,7 @@ class Sinkhorn(TokenChoiceRouter):
         if self.inference:
             select = activation
         else:
-            kernel, _, d1, _ = sinkhorn_scaling(logits, self.tol, self.max_iters)
+            kernel, _, d1, _ = sinkhorn_scaling(logits, self.tol, self.max_iters, self.impl)
             select = kernel.mul_(d1.to(kernel.dtype))  # in place: kernel is ours
             if ctx.state is not None and ctx.state.bias is not None:
                 select.div_(select.sum(dim=1, keepdim=True).clamp_min(torch.finfo(select.dtype).tiny))

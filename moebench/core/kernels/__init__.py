@@ -320,3 +320,21 @@ def combine_rows(token_index: torch.Tensor, weight: torch.Tensor, rows: torch.Te
     if bad:
         raise IndexError(f"combine: {bad} rows have a token outside [0, {num_tokens})")
     return out
+
+
+
+def sinkhorn_scale(kernel: torch.Tensor, tol: float, max_iters: int):
+    """(d0 <float64>[T], d1 <float64>[E], iterations) of Sinkhorn's scaling of kernel
+    <float32|float64>[T, E] (CPU, contiguous, T >= 1): what the torch loop of
+    `moebench.routers.sinkhorn.sinkhorn_scaling` computes, in one kernel call
+    (`_numba_sinkhorn`; float64 sums in another order: equal to ~1e-15 relative)."""
+    t, e = kernel.shape
+    parallel = t * e >= PARALLEL_MIN_WORK
+    _kernels(t * e) if parallel else _serial()
+    from moebench.core.kernels import _numba_sinkhorn
+
+    d0 = torch.empty(t, dtype=torch.float64)
+    d1 = torch.empty(e, dtype=torch.float64)
+    fn = _numba_sinkhorn.sinkhorn_iterate if parallel else _numba_sinkhorn.sinkhorn_iterate_serial
+    iters = fn(_np(kernel), float(tol), int(max_iters), d0.numpy(), d1.numpy())
+    return d0, d1, int(iters)
