@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,88 @@ def test_resume_as_another_shard_is_refused(tmp_path, capsys, flag):
     assert load_run(shard0).meta()["shard"] == "0/2"
     # the same shard resumes
     assert main(["run", str(suite), "--no-report", "--resume", str(shard0), "--shard", "0/2"]) == 0
+
+
+# ------------------------------------------------------------- #23 item 7: torchrun mistakes
+
+EP4 = """
+name: ep4
+version: 1
+grid: {workload: uniform, tokens: 64, experts: 4, top_k: 1, hidden: 8}
+routers: [topk]
+parallel: {ep: 4, experts: identity, timeout_s: 30}
+timing: {enabled: false}
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_env(**env) -> dict:
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("TORCHELASTIC", "MOEBENCH")) and k not in
+            ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    good = {"TORCHELASTIC_RUN_ID": "t", "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    good.update(env)
+    return {**base, **{k: v for k, v in good.items() if v is not None}}
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"WORLD_SIZE": "3", "RANK": "5"}, "WORLD_SIZE=3 RANK=5: expected 0 <= RANK <= 2"),
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc': expected an integer"),
+    ({"RANK": None}, "TORCHELASTIC_RUN_ID is set but RANK is not"),
+    ({"MASTER_PORT": "99999"}, "MASTER_PORT=99999: expected 1 <= MASTER_PORT <= 65535"),
+    ({"MASTER_ADDR": None}, "MASTER_ADDR is not set"),
+    ({"LOCAL_RANK": "7"}, "LOCAL_RANK=7"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0: expected 1 <= WORLD_SIZE"),
+])
+def test_torchrun_environment_mistakes_are_one_line(tmp_path, env, expected):
+    (tmp_path / "shardy.yaml").write_text(SUITE)
+    done = subprocess.run([sys.executable, "-m", "moebench", "run", "shardy.yaml", "--no-report"], cwd=tmp_path,
+                          env=torchrun_env(**env), capture_output=True, text=True, timeout=120)
+    err = done.stderr.strip()
+    assert done.returncode == 2 and len(err.splitlines()) == 1, err
+    assert expected in err and "unexpected" not in err, err
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_rank_without_peers_gives_up_in_seconds(tmp_path):
+    (tmp_path / "shardy.yaml").write_text(SUITE)
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "moebench", "run", "shardy.yaml", "--no-report"], cwd=tmp_path,
+                          env=torchrun_env(MOEBENCH_RENDEZVOUS_S="3"), capture_output=True, text=True, timeout=120)
+    err = done.stderr.strip()
+    assert done.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "could not join the others" in err and "within 3 s" in err, err
+    assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_suite_rank_count_is_checked_on_every_rank(tmp_path, rank):
+    (tmp_path / "ep4.yaml").write_text(EP4)
+    done = subprocess.run([sys.executable, "-m", "moebench", "run", "ep4.yaml", "--no-report"], cwd=tmp_path,
+                          env=torchrun_env(RANK=rank, LOCAL_RANK=rank), capture_output=True, text=True, timeout=120)
+    err = done.stderr.strip()
+    assert done.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "parallel.ep is 4 but torchrun started WORLD_SIZE=2 processes" in err, err
+
+
+def test_real_torchrun_with_too_few_ranks_says_so_on_every_rank(tmp_path):
+    (tmp_path / "ep4.yaml").write_text(EP4)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "MOEBENCH"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--tee", "3",
+         "-m", "moebench", "run", "ep4.yaml", "--no-report"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    said = done.stdout + done.stderr
+    for rank in (0, 1):
+        assert f"[rank{rank}]" in said or f"[default{rank}]" in said, said[-3000:]
+    assert said.count("parallel.ep is 4 but torchrun started WORLD_SIZE=2 processes") == 2, said[-3000:]
+    assert "unexpected" not in said and "RuntimeError" not in said, said[-3000:]

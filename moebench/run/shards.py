@@ -167,13 +167,82 @@ def _count(value) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
-def under_torchrun() -> bool:
-    """This process is one of several torchrun started (its rank and world in the environment),
-    not a rank moebench launched itself (MOEBENCH_LAUNCHED, moebench/kinds/parallel/launch.py)."""
-    import os
+MAX_WORLD = 1 << 20
+RENDEZVOUS_S = 60.0  # how long ranks wait for each other to start (MOEBENCH_RENDEZVOUS_S)
 
-    return "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1 \
-        and "MOEBENCH_LAUNCHED" not in os.environ
+
+def _env_int(name: str, lo: int, hi: int, world: str = "") -> int:
+    text = os.environ.get(name)
+    if text is None:
+        raise MoebenchError(f"torchrun environment: TORCHELASTIC_RUN_ID is set but {name} is not; "
+                            "start moebench with torchrun (or unset TORCHELASTIC_RUN_ID)")
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise MoebenchError(f"torchrun environment: {name}={text[:40]!r}: expected an integer") from None
+    if not lo <= value <= hi:
+        raise MoebenchError(f"torchrun environment: {world}{name}={value}: expected {lo} <= {name} <= {hi}")
+    return value
+
+
+def torchrun_world() -> tuple[int, int] | None:
+    """(RANK, WORLD_SIZE) when torchrun started this process as one of several, after checking
+    torchrun's variables (each mistake is one MoebenchError line naming the variable: RANK
+    outside [0, WORLD_SIZE), a non-integer, a missing MASTER_ADDR, a port outside 1-65535),
+    before any process group starts. None outside torchrun, for one process, and in a rank
+    moebench launched itself (MOEBENCH_LAUNCHED, moebench/kinds/parallel/launch.py)."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" not in env or "MOEBENCH_LAUNCHED" in env:
+        return None
+    world = _env_int("WORLD_SIZE", 1, MAX_WORLD)
+    rank = _env_int("RANK", 0, world - 1, f"WORLD_SIZE={world} ")
+    local_world = _env_int("LOCAL_WORLD_SIZE", 1, world, f"WORLD_SIZE={world} ") if "LOCAL_WORLD_SIZE" in env else world
+    _env_int("LOCAL_RANK", 0, min(local_world, rank + 1) - 1, f"RANK={rank} LOCAL_WORLD_SIZE={local_world} ")
+    if world == 1:
+        return None
+    if not env.get("MASTER_ADDR", "").strip():
+        raise MoebenchError("torchrun environment: MASTER_ADDR is not set; start moebench with torchrun")
+    _env_int("MASTER_PORT", 1, 65535)
+    return rank, world
+
+
+def under_torchrun() -> bool:
+    """This process is one of several torchrun started (its rank and world in the environment,
+    checked by `torchrun_world`)."""
+    return torchrun_world() is not None
+
+
+def rendezvous_s() -> float:
+    """Seconds the ranks wait for each other to join (MOEBENCH_RENDEZVOUS_S, default 60): a rank
+    whose peers never start ends with one line instead of waiting for days."""
+    import math
+
+    text = os.environ.get("MOEBENCH_RENDEZVOUS_S", str(RENDEZVOUS_S))
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 1 <= value <= 86400:
+        raise MoebenchError(f"MOEBENCH_RENDEZVOUS_S={text[:40]!r}: expected seconds between 1 and 86400")
+    return value
+
+
+def join_torchrun_group(backend: str = "gloo") -> None:
+    """init_process_group with the rendezvous timeout in seconds; a rendezvous that fails (peers
+    that never start, a port in use) is one MoebenchError line."""
+    import datetime as dt
+
+    import torch.distributed as dist
+
+    wait = rendezvous_s()
+    try:
+        dist.init_process_group(backend, timeout=dt.timedelta(seconds=wait))
+    except RuntimeError as exc:  # DistStoreError, DistNetworkError: subclasses of RuntimeError
+        first = " ".join((str(exc).strip().splitlines() or [""])[0].split())[:200]
+        raise MoebenchError(
+            f"torchrun: rank {os.environ.get('RANK')} of WORLD_SIZE={os.environ.get('WORLD_SIZE')} could not join "
+            f"the others at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within {wait:g} s "
+            f"(MOEBENCH_RENDEZVOUS_S): {first}") from None
 
 
 def torchrun_sweep(suite: Suite, options, no_report: bool, reports_root: Path) -> int:
@@ -197,16 +266,17 @@ def torchrun_sweep(suite: Suite, options, no_report: bool, reports_root: Path) -
     if torch.cuda.is_available() and torch.cuda.device_count() > 1:
         torch.cuda.set_device(local)  # one GPU per rank
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", str(local))  # and for its isolated workers
-    dist.init_process_group("gloo", timeout=dt.timedelta(days=7))  # ranks finish at their own pace
+    join_torchrun_group("gloo")  # the rendezvous waits seconds, not days
     rank, world = dist.get_rank(), dist.get_world_size()
     box = [new_run_id()]
     dist.broadcast_object_list(box, src=0)
+    done_group = dist.new_group(backend="gloo", timeout=dt.timedelta(days=7))  # ranks finish at their own pace
     root = Path(options.results_root) / ".shards" / box[0]
     mine = replace(options, results_root=root / f"rank{rank}")
     run = execute(shard_suite(suite, rank, world), mine,
                   on_open=lambda r: r.update_meta(shard=f"{rank}/{world}"))
     paths: list = [None] * world
-    dist.all_gather_object(paths, str(run.path))
+    dist.all_gather_object(paths, str(run.path), group=done_group)
     code = 0
     if rank == 0:
         merged = merge_runs([Path(p) for p in paths], Path(options.results_root))
@@ -218,6 +288,6 @@ def torchrun_sweep(suite: Suite, options, no_report: bool, reports_root: Path) -
             from moebench.report.build import write_report
 
             print(f"report: {write_report([merged.path], reports_root)}")
-    dist.barrier()
+    dist.barrier(group=done_group)
     dist.destroy_process_group()
     return code

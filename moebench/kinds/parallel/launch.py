@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from moebench.core.errors import MoebenchError, Terminated
 from moebench.kinds.parallel.engine import EngineJob, RankFailure, backend_for, ensure_group, run_job
-from moebench.run.shards import under_torchrun
+from moebench.run.shards import torchrun_world, under_torchrun
 
 
 class LaunchFailure(MoebenchError):
@@ -35,7 +35,8 @@ class LaunchFailure(MoebenchError):
 
 
 def torchrun_rank() -> int | None:
-    return int(os.environ["RANK"]) if under_torchrun() else None
+    found = torchrun_world()  # torchrun's variables checked (one line per mistake)
+    return None if found is None else found[0]
 
 
 @contextmanager
@@ -202,8 +203,8 @@ def launch(job: EngineJob) -> list[dict]:
 
 def lead(job: EngineJob) -> list[dict]:
     """Rank 0 under torchrun: hand the job to every rank, then run rank 0's share."""
-    ensure_group(backend_for(job.spec, job.case.device), job.spec.timeout_s)
     try:
+        ensure_group(backend_for(job.spec, job.case.device), job.spec.timeout_s)
         dist.broadcast_object_list([job], src=0)
     except RuntimeError as exc:
         raise RankFailure(f"rank 0: could not reach the other ranks ({str(exc).splitlines()[0][:200]})") from None
@@ -220,8 +221,15 @@ def release_followers() -> None:
 def follow_if_torchrun(suite) -> int | None:
     """The CLI's hook: on a torchrun rank other than 0, follow rank 0 and return the exit code;
     None on rank 0 or outside torchrun (the run goes on as usual)."""
-    rank = torchrun_rank()
-    if rank in (None, 0):
+    found = torchrun_world()
+    if found is None:
+        return None
+    rank, world = found
+    spec = suite.parallel
+    if spec.mode == "engine" and world != spec.world_size:  # every rank says so, before any group
+        raise MoebenchError(f"{suite.path}: parallel.ep is {spec.world_size} but torchrun started WORLD_SIZE={world} "
+                            f"processes; use torchrun --nproc-per-node {spec.world_size}")
+    if rank == 0:
         return None
     if suite.parallel.mode == "model":  # the cost model runs on rank 0 alone
         return 0
