@@ -199,3 +199,42 @@ def test_bad_revision_is_one_line_error(scratch_repo, tmp_path):
     assert done.returncode == 2
     assert "--base no-such-ref: no such revision" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_duet_stops_once_every_verdict_is_settled(scratch_repo, tmp_path):
+    """Duet mode (both sides at once, one core each); with a wide margin every router-phase
+    settles `same` at the first look and the command stops before its budget."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("duet needs two cores")
+    results = tmp_path / "results"
+    done = _ab(scratch_repo, results, "--base", "HEAD", "--head", "HEAD", "--mode", "duet",
+               "--min-effect", "0.5", "--budget-s", "240")
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads(next(results.glob("ab/abtest/*/ab.json")).read_text())
+    assert doc["mode"] == "duet" and doc["stopped_by"] == "settled", doc["looks"]
+    assert {r["verdict"] for r in doc["summary"]} == {"same"}
+    assert doc["pairs"] == doc["looks"][-1]["pairs"] < 40
+    assert {p["first"] for c in doc["cells"] for p in c["pairs"]} == {"A", "B"}  # cores swapped
+
+
+def test_sigterm_removes_worktrees_and_workers(scratch_repo, tmp_path):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "moebench", "ab", "suite.yaml", "--base", "HEAD",
+                             "--results", str(tmp_path / "r"), "--budget-s", "300"],
+                            cwd=scratch_repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    folder = None
+    while time.monotonic() < deadline and folder is None:
+        listed = _git(scratch_repo, "worktree", "list")
+        folder = next((line.split()[0] for line in listed.splitlines() if "moebench-ab-" in line), None)
+        time.sleep(0.2)
+    assert folder is not None, "no worktree appeared"
+    time.sleep(2)  # the workers are starting
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM)" in err
+    assert "moebench-ab-" not in _git(scratch_repo, "worktree", "list")
+    assert not Path(folder).exists()

@@ -101,6 +101,15 @@ def run_ab(o: ABOptions, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> 
     """Run the A/B gate; prints the summary to ``out``; returns the exit code (0 pass,
     1 regression, 2 error; an error is raised as MoebenchError for the CLI to print)."""
     check_options(o)
+    try:
+        return _run(o, out, err)
+    except KeyboardInterrupt as exc:  # workers and worktrees are gone already (_run's handler)
+        what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+        print(f"moebench: ab {what}; its worktrees and workers are removed", file=err)
+        return code
+
+
+def _run(o: ABOptions, out: TextIO, err: TextIO) -> int:
     started, wall0 = utc_now(), time.monotonic()
     deadline = wall0 + o.budget_s - WRITE_MARGIN_S
     suite_path = Path(o.suite).resolve()
@@ -144,6 +153,8 @@ def run_ab(o: ABOptions, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> 
             print(f"ab: {len(cells)} cells ({len(groups)} router-phases) timed {o.mode}, "
                   f"{max(0.0, deadline - time.monotonic()):.0f} s left for pairs", file=err)
             driver.run(deadline)
+            print(f"ab: blocks of {driver.block_ms:.2g} ms (+{driver.overhead_ms or 0:.2g} ms a block to "
+                  "reach the worker)", file=err)
         except BaseException:
             for w in workers:
                 w.kill()
@@ -174,7 +185,8 @@ def run_ab(o: ABOptions, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> 
     record = {"id": ab_id, "suite": metas[1].get("suite"), "suite_path": str(suite_path), "mode": o.mode,
               "sides": [s.record() for s in sides], "runs": {s.label: str(folder / s.label) for s in sides},
               "started_at": started, "ended_at": utc_now(), "wall_s": wall, "budget_s": o.budget_s,
-              "stopped_by": driver.stopped_by, "looks": driver.looks, "block_ms": o.block_ms, "warmup": o.warmup,
+              "stopped_by": driver.stopped_by, "looks": driver.looks, "block_ms": driver.block_ms,
+              "block_ms_asked": o.block_ms, "block_overhead_ms": driver.overhead_ms, "warmup": o.warmup,
               "seed": o.seed, "command": o.command}
     write_ab_json(folder / "ab.json", outcome, record)
     header = [f"moebench ab {metas[1].get('suite')}: A = {sides[0].describe()}, B = {sides[1].describe()}; "

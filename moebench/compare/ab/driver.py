@@ -33,6 +33,8 @@ from moebench.compare.ab.stats import Interval, look_alpha, look_schedule, min_p
 
 MODES = ("interleaved", "duet")
 MAX_CALLS = 10_000
+TARGET_LOOKS = 3  # the budget should allow this many looks; blocks shrink (to MIN_BLOCK_MS) until it does
+MIN_BLOCK_MS = 1.0
 # a block's value: its median call, or its fastest (less noise from a preempted call, blind to
 # a slowdown of a few calls of the block)
 BLOCK_STATS = {"median": statistics.median, "min": min}
@@ -145,6 +147,8 @@ class Driver:
         first = settings.first_look or min_pairs(look_alpha(settings.alpha, 1, max(1, len(groups))))
         self.schedule = look_schedule(first, settings.growth)
         self.stopped_by = "budget"
+        self.block_ms = settings.block_ms  # as calibrated (`calibrate`)
+        self.overhead_ms: float | None = None
 
     def active(self) -> list[Group]:
         return [g for g in self.groups if not g.settled]
@@ -152,7 +156,7 @@ class Driver:
     def run(self, deadline: float) -> None:
         """Rounds until every group is settled or the next round would pass ``deadline``
         (time.monotonic); a last look at the end."""
-        self.calibrate()
+        self.calibrate(deadline)
         last_round_s = 0.0
         while self.active():
             if time.monotonic() + last_round_s > deadline:
@@ -172,16 +176,33 @@ class Driver:
         if self.active() and (not self.looks or self.looks[-1]["pairs"] != self.rounds):
             self.look()
 
-    def calibrate(self, calls: int = 3) -> None:
+    def calibrate(self, deadline: float, calls: int = 3) -> None:
         """Size each cell's blocks from ``calls`` calls per side timed now, one side at a time
-        (the workers' own estimates were taken while both were busy loading); not recorded."""
-        for g in self.groups:
-            for cell in g.cells:
-                req = {"op": "block", "calls": calls, "warmup": self.s.warmup}
-                est = [statistics.median(w.request({**req, "cell": cell.index[i]})["ms"])
-                       for i, w in enumerate((self.a, self.b))]
-                cell.est_ms = (est[0], est[1])
-                cell.calls = calls_for(self.s.block_ms, est)
+        (the workers' own estimates were taken while both were busy loading); not recorded.
+
+        Blocks are ``block_ms`` long unless the budget left would then give fewer than
+        TARGET_LOOKS looks' worth of rounds (many cells, short budget): then shorter, down to
+        MIN_BLOCK_MS, since more pairs of noisier blocks beat too few pairs for any interval."""
+        cells = [c for g in self.groups for c in g.cells]
+        started = time.monotonic()
+        work_ms = 0.0
+        for cell in cells:
+            req = {"op": "block", "calls": calls, "warmup": self.s.warmup}
+            est = [statistics.median(w.request({**req, "cell": cell.index[i]})["ms"])
+                   for i, w in enumerate((self.a, self.b))]
+            cell.est_ms = (est[0], est[1])
+            work_ms += (calls + self.s.warmup) * (est[0] + est[1])
+        if not cells:
+            return
+        # what a block costs beyond its calls: the round trip to the worker, the warm-up call
+        overhead_ms = max(0.0, ((time.monotonic() - started) * 1e3 - work_ms) / (2 * len(cells)))
+        rounds = self.schedule[min(TARGET_LOOKS, len(self.schedule)) - 1]
+        left_ms = max(0.0, deadline - time.monotonic()) * 1e3
+        fits = left_ms / (rounds * 2 * len(cells)) - overhead_ms
+        self.block_ms = max(MIN_BLOCK_MS, min(self.s.block_ms, fits))
+        self.overhead_ms = overhead_ms
+        for cell in cells:
+            cell.calls = calls_for(self.block_ms, cell.est_ms)
 
     def _round(self) -> None:
         cells = [c for g in self.active() for c in g.cells]

@@ -42,7 +42,11 @@ class SideWorker:
                                             cwd=str(cwd) if cwd else None, env=env, text=True, bufsize=1)
         except OSError as exc:
             raise MoebenchError(f"ab: side {label}: cannot start {python}: {exc.strerror or exc}") from None
-        self.info = self.receive(LOAD_TIMEOUT_S, "start")
+        try:
+            self.info = self.receive(LOAD_TIMEOUT_S, "start")
+        except BaseException:  # Ctrl-C or SIGTERM while it starts: it must not outlive us
+            self.kill()
+            raise
 
     @property
     def pid(self) -> int:

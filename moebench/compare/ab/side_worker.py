@@ -209,6 +209,18 @@ def _router_code(routers):
     return out
 
 
+def _only_this_moebench(here):
+    """Drop an editable install's finder of another moebench (setuptools puts one on
+    sys.meta_path): it answers for any ``moebench.x`` that the side's tree lacks, so probing
+    this layout's module names in an older tree would import the installed moebench's modules
+    beside the side's own (two Routing classes, "returned Routing, not a Routing")."""
+    for finder in list(sys.meta_path):
+        mapping = getattr(sys.modules.get(getattr(finder, "__module__", "") or ""), "MAPPING", None)
+        theirs = mapping.get("moebench") if isinstance(mapping, dict) else None
+        if theirs and os.path.realpath(theirs) != os.path.realpath(here):
+            sys.meta_path.remove(finder)
+
+
 def _pin(cores):
     """Every thread of this process onto ``cores`` (threads made later inherit it)."""
     for tid in os.listdir("/proc/self/task"):
@@ -244,6 +256,8 @@ def main(out_fd):
         out.flush()
 
     import moebench  # noqa: F401 - fails here, not mid-request, if the side is not importable
+
+    _only_this_moebench(os.path.dirname(moebench.__file__))
 
     answer({"ok": True, "ready": os.getpid(), "moebench": os.path.dirname(moebench.__file__),
             "version": getattr(moebench, "__version__", None)})
