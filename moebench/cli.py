@@ -213,13 +213,6 @@ def _cmd_ab(args) -> int:
     return run_ab(ABOptions(**fields, command="moebench " + " ".join(shlex.quote(a) for a in sys.argv[1:])))
 
 
-def _cmd_ab(args) -> int:
-    from moebench.compare.ab.command import ABOptions, run_ab  # lazy: the A/B gate (docs/ci.md)
-
-    fields = {k: v for k, v in vars(args).items() if k in ABOptions.__dataclass_fields__ and k != "command" and v is not None}
-    return run_ab(ABOptions(**fields, command="moebench " + " ".join(shlex.quote(a) for a in sys.argv[1:])))
-
-
 def _check_output(path: str | None, flag: str, make_parents: bool = False) -> None:
     problem = output_problem(path, make_parents) if path else None
     if problem:
@@ -304,10 +297,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="baseline: keep times, run ids and machine details (default: only what the code decides)")
     export.add_argument("--machine", metavar="NAME", help="asv: the machine name (default: the run's hostname)")
     export.set_defaults(fn=_cmd_export)
-
-    from moebench.compare.ab.cli import add_parser as add_ab_parser  # argparse only
-
-    add_ab_parser(sub, _cmd_ab)
 
     from moebench.compare.ab.cli import add_parser as add_ab_parser  # argparse only
 
