@@ -1,7 +1,8 @@
 """What `moebench compare` prints: a summary per router and metric first, details behind a flag.
 
 The summary has one line per (router, metric) (phase medians: per router, phase and device):
-how many cases, the median over cases of B/A, the interval of that ratio where the runs have
+how many cases, the median over cases of B/A (for a deterministic metric: over the cases where
+it moved), the interval of that ratio where the runs have
 one (the median over cases of each end of a case's interval, from the two 95% CIs of the
 medians: the interval of a typical case), the verdict and its reason. Lines are sorted by
 severity (REGRESSION, worse, changed, better, unchanged, not judged, info), then by the metrics
@@ -72,8 +73,11 @@ def _cases(k: int, n: int) -> str:
 
 def _metric_group(router: str, name: str, vs: list) -> Group:
     """A deterministic or measured (info) metric's line from its cells."""
-    ratios = [v.ratio for v in vs if v.ratio is not None]
-    same_zero = sum(v.a == 0 and v.b == 0 for v in vs)
+    # B/A over the cases that moved (most cases of a changed metric often stay put: the median
+    # over all of them would read 1.000 beside "worse on 4 of 12 cases")
+    moved = [v for v in vs if v.verdict in ("worse", "better", "changed")]
+    ratios = [v.ratio for v in (moved or vs) if v.ratio is not None]
+    same_zero = 0 if moved else sum(v.a == 0 and v.b == 0 for v in vs)
     ratio = statistics.median(ratios + [1.0] * same_zero) if ratios or same_zero else None
     regression, gated, n = any(v.regression for v in vs), any(v.gated for v in vs), len(vs)
     count = {k: sum(v.verdict == k for v in vs) for k in ("worse", "better", "changed", "info")}
@@ -127,7 +131,7 @@ def _num(x: Any) -> str:
 
 def _line(tag: str, v: Any) -> str:
     if v.change is not None:
-        how = f" ({v.change:+.1%})"
+        how = f" ({_pct(v.change)})"
     elif isinstance(v.a, float) and isinstance(v.b, float):
         how = f" ({v.b - v.a:+.6g})"
     else:
