@@ -25,7 +25,7 @@ from moebench.core.case import case_axes
 from moebench.core.errors import MoebenchError
 from moebench.core.metrics import METRICS, PHASES, metric
 from moebench.core.paths import write_output
-from moebench.store.runs import load_run
+from moebench.compare.sides import load_side
 
 FORMATS = ("baseline", "pytest-benchmark", "asv")
 # meta keys a baseline keeps without timings: what the suite and the code decide (docs/ci.md)
@@ -205,8 +205,8 @@ def export_runs_asv(run_dirs, out: str | Path, machine: str | None = None) -> in
 
     runs = []
     for run_dir in run_dirs:
-        run = load_run(run_dir)
-        runs.append((run.meta(), _ok_rows(run.rows())))
+        meta, rows = load_side(run_dir)
+        runs.append((meta, _ok_rows(rows)))
     return export_asv(runs, out, machine)
 
 
@@ -217,8 +217,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None,
     keeps its measured columns and run metadata. (asv: :func:`export_runs_asv`.)"""
     if fmt not in FORMATS or fmt == "asv":
         raise MoebenchError(f"--format {fmt!r}: expected one of baseline, pytest-benchmark")
-    run = load_run(run_dir)
-    meta, rows = run.meta(), run.rows()
+    meta, rows = load_side(run_dir)  # a run folder, or results/<suite>: its latest run
     doc = baseline(meta, rows, with_timings) if fmt == "baseline" else pytest_benchmark(meta, rows)
     text = json.dumps(_finite(doc), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
     if out is not None:
