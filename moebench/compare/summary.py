@@ -181,7 +181,7 @@ def format_text(c: Any, details: bool = False) -> str:
         lines += _table(shown, len({g.device for g in groups if g.device}))
     if quiet:
         metrics = sorted({g.metric for g in quiet})
-        lines.append(f"  and {len(quiet)} more lines unchanged on every case ({len(metrics)} metrics: "
+        lines.append(f"  and {len(quiet)} more lines unchanged on every case ({len(metrics)} metric{'s' * (len(metrics) != 1)}: "
                      f"{', '.join(metrics[:6])}{', ...' if len(metrics) > 6 else ''})")
     lines += [f"note: {n}" for n in c.notes]
     if details:

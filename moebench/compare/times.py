@@ -65,7 +65,7 @@ def _as_router(vs, gate, noise, gated: bool, total: dict, device) -> tuple[str, 
         if not hits:
             continue
         background = (total[device, kind] - len(hits)) / rest if rest else 0.0
-        why = f"{len(hits)} of {n} cases {kind} (95% CIs apart)"
+        why = f"{len(hits)} of {n} case{'s' * (n != 1)} {kind} (95% CIs apart)"
         if n < noise.min_cases:
             reasons.append(f"{why}; a router needs >= {noise.min_cases} cases to tell it from a noisy cell")
         elif len(hits) < noise.consistency * n:
