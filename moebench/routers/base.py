@@ -88,8 +88,6 @@ class Router:
     capture_reason: ClassVar[str] = "its route has no static-shape, sync-free form in moebench.run.capture"
     baseline: ClassVar[bool] = False  # a reference point (reports show it, never rank it best)
     case_notes: ClassVar[dict[str, str]] = {}  # condition (dropless, capacity, single_batch, always) -> note
-    baseline: ClassVar[bool] = False  # a reference point (reports show it, never rank it best)
-    case_notes: ClassVar[dict[str, str]] = {}  # condition (dropless, capacity, single_batch, always) -> note
 
     def applicable(self, top_k: int, num_experts: int) -> str | None:
         """None if the router can run at this shape, else the reason it is skipped."""
@@ -153,6 +151,22 @@ class TokenChoiceRouter(Router):
         expert = top_k_experts(self.selection_scores(scores, ctx), k)
         weight = scores.gather(1, expert)
         return expert, normalize_weights(weight) if normalize else weight
+
+    def fused(self, scores: torch.Tensor, k: int, ctx: RouteContext, normalize: bool, probs: torch.Tensor,
+              logits: torch.Tensor) -> Routing | None:
+        """``finish(*choose(scores, k, ctx, normalize), probs, logits, ctx)`` in one numba call
+        (`kernels.route_fused`: the same Routing, bit for bit) where that is the faster path:
+        decode-size float32 CPU scores, a drop policy with a fast form, no renormalisation
+        after drops. None where it does not apply (the caller takes the general path)."""
+        if (self.renormalize_after_drop or scores.dtype != torch.float32 or not scores.is_contiguous()
+                or (ctx.capacity is not None and fast_keep(ctx.drop_policy) is None)
+                or not kernels.use_numba(self.impl, scores) or not kernels.fused_route_pays(scores)):
+            return None
+        bias = ctx.state.bias if ctx.state is not None else None
+        expert, weight, token, choice, kept = kernels.route_fused(scores, k, bias, normalize, ctx.capacity,
+                                                                  ctx.drop_policy)
+        return Routing(token_index=token, expert_index=expert.view(-1), choice=choice, weight=weight.view(-1),
+                       kept=kept, probs=probs, logits=logits, top_k=k, capacity=ctx.capacity)
 
     def finish(
         self,

@@ -62,6 +62,10 @@ class TopK(TokenChoiceRouter):
         # softmax over the k chosen logits = the chosen probabilities over their sum (how HF
         # Mixtral computes it); one division instead of a second exp, fused into the selection
         normalizations = int(self.softmax_after_topk) + int(self.renormalize)
+        if normalizations < 2 and self.route_scale == 1.0:  # decode sizes: one kernel call
+            fused = self.fused(scores, ctx.top_k, ctx, normalizations > 0, _as_probs(scores, self.score), logits)
+            if fused is not None:
+                return fused
         expert, weight = self.choose(scores, ctx.top_k, ctx, normalize=normalizations > 0)
         if normalizations == 2:
             weight = normalize_weights(weight)
@@ -82,6 +86,9 @@ class Switch(TokenChoiceRouter):
     def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:
         logits = inputs.logits.float()
         probs = torch.softmax(logits, dim=-1)
+        fused = self.fused(probs, 1, ctx, False, probs, logits)  # decode sizes: one kernel call
+        if fused is not None:
+            return fused
         top, weight = self.choose(probs, 1, ctx)
         return self.finish(top, weight, probs, logits, ctx)
 

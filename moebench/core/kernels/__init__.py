@@ -256,6 +256,38 @@ def assignments(expert_kt: torch.Tensor, capacity: int | None, num_experts: int,
     return token, choice, kept
 
 
+def fused_route_pays(scores: torch.Tensor) -> bool:
+    """Whether `route_fused` is the faster path for scores <float32>[T, E]: below the size at
+    which the selection goes parallel (there the per-call floor is most of a route)."""
+    return scores.shape[0] * scores.shape[1] < PARALLEL_MIN_WORK and not _parallel_pays(scores.numel())
+
+
+def route_fused(scores: torch.Tensor, k: int, bias: torch.Tensor | None, normalize: bool, capacity: int | None,
+                policy: str):
+    """(expert <int64>[k, T], weight <float32>[k, T], token, choice <int64>[A], kept <bool>[A])
+    for scores <float32>[T, E] (CPU, contiguous): `topk_select` then `assignments` (policy
+    "position" or "probs", or capacity None), in one serial kernel call whose outputs are
+    numpy arrays it allocates: at decode sizes each torch op around the work costs as much as
+    the work."""
+    _serial()
+    from moebench.core.kernels import _numba_small
+
+    t, e = scores.shape
+    if not 1 <= k <= e:
+        raise ValueError(f"top_k must be in [1, {e}], got {k}")
+    has_bias = bias is not None
+    if has_bias:
+        b = _np(bias.float())
+    else:
+        b = _ZEROS.get(e)
+        if b is None:
+            b = _ZEROS[e] = np.zeros(e, np.float32)
+    s = scores.numpy()
+    out = _numba_small.route_fused(s, s.view(np.int32), b, has_bias, k, normalize,
+                                   -1 if capacity is None else int(capacity), policy == "probs", e)
+    return tuple(torch.from_numpy(x) for x in out)
+
+
 def _dispatch_kernels(work: int):
     """`_kernels` (threads set for ``work``), but the dispatch/combine module."""
     _kernels(work)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from moebench.core.kernels._numba import _insertion_rows, _packed_rows, keep_by_score_serial
+
 _OPTS = dict(cache=True, nogil=True)
 
 
@@ -40,3 +42,29 @@ def assignments(expert, capacity, num_experts, token, choice, kept):
                 seen[e] += 1
             a += 1
     return bad
+
+
+@njit(**_OPTS)
+def route_fused(scores, bits, bias, has_bias, k, normalize, capacity, by_score, num_experts):
+    """A whole token-choice route after the scores, on the calling thread: the selection of
+    `topk_select_packed` (k <= 8) or `topk_select_insertion`, then `assignments`, then for
+    ``by_score`` the `probs` policy's capacity (`keep_by_score_serial`) by the weights.
+    scores <f32>[T, E] (bits: the same as int32), capacity < 0: dropless. Returns numpy arrays
+    (allocated here: no torch op per output) expert, weight <[k, T]>, token, choice, kept <[k*T]>."""
+    t_total, e_total = scores.shape
+    expert = np.empty((k, t_total), np.int64)
+    weight = np.empty((k, t_total), np.float32)
+    if k <= 8:
+        _packed_rows(scores, bits, bias, has_bias, k, normalize, expert, weight, 0, t_total,
+                     np.empty(e_total, np.float32), np.empty(e_total, np.int64))
+    else:
+        _insertion_rows(scores, bias, has_bias, k, normalize, expert, weight, 0, t_total,
+                        np.empty(k, np.float32), np.empty(k, np.int64))
+    a = k * t_total
+    token = np.empty(a, np.int64)
+    choice = np.empty(a, np.int64)
+    kept = np.empty(a, np.bool_)
+    assignments(expert, -1 if by_score else capacity, num_experts, token, choice, kept)
+    if by_score and capacity >= 0 and a:
+        keep_by_score_serial(expert.reshape(a), weight.reshape(a), capacity, num_experts, kept)
+    return expert, weight, token, choice, kept
