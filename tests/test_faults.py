@@ -66,14 +66,14 @@ def _cli(argv: list[str], log: str, slow_writes: bool = False) -> None:
     """Child process body: the CLI with its output in ``log``; exit code = the CLI's.
     ``slow_writes``: each line goes down in two halves 0.2 s apart (a window to kill it in)."""
     if slow_writes:
-        real = durable._write_all
+        real = durable.write_all
 
         def halves(fd, data):
             real(fd, data[: len(data) // 2])
             time.sleep(0.2)
             real(fd, data[len(data) // 2:])
 
-        durable._write_all = halves
+        durable.write_all = halves
     with open(log, "w") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
         code = main(argv)
     sys.exit(code)
@@ -455,6 +455,22 @@ def test_garbage_lines_in_the_middle_are_skipped_with_one_line(partial, suite_fi
     compare_ok(reference[0], partial, capsys)
 
 
+def test_a_deeply_nested_line_is_skipped_by_resume(partial, suite_file, reference, tmp_path, capsys):
+    """#23 item 8: 5000 '[' (deeper than the JSON parser recurses) is a garbage line like any
+    other: --resume measures that row again instead of failing with RecursionError."""
+    run = load_run(partial)
+    lines = run.rows_path.read_bytes().splitlines(keepends=True)
+    lines[3] = b"[" * 5000 + b"\n"  # row 4 overwritten
+    run.rows_path.write_bytes(b"".join(lines))
+    with open(run.batches_path, "ab") as fh:
+        fh.write(b"[" * 5000 + b"\n")
+    capsys.readouterr()
+    assert main(run_argv(suite_file, tmp_path / "r", partial)) == 0
+    err = capsys.readouterr().err
+    assert "RecursionError" not in err and "rows.jsonl: skipped 1 unreadable line(s)" in err
+    assert_complete_except_order(partial, reference[0])
+
+
 def test_binary_rows_file_and_broken_meta(partial, suite_file, reference, tmp_path, capsys):
     run = load_run(partial)
     run.rows_path.write_bytes(os.urandom(5000))
@@ -501,7 +517,7 @@ def test_duplicate_rows_are_deduplicated_with_one_line(partial, suite_file, refe
 def test_injected_enospc_mid_row_loses_nothing_and_resume_completes(partial, suite_file, reference, tmp_path, capsys):
     run = load_run(partial)
     before = {p.name: p.read_bytes() for p in (run.rows_path, run.batches_path, run.loads_path)}
-    real = durable._write_all
+    real = durable.write_all
     state = {"rows": 0}
 
     def full_disk(fd, data):
@@ -514,7 +530,7 @@ def test_injected_enospc_mid_row_loses_nothing_and_resume_completes(partial, sui
 
     capsys.readouterr()
     with pytest.MonkeyPatch.context() as mp_:
-        mp_.setattr(durable, "_write_all", full_disk)
+        mp_.setattr(durable, "write_all", full_disk)
         assert main(run_argv(suite_file, tmp_path / "r", partial)) == 2
     line = one_line(capsys.readouterr().err)
     assert f"{run.rows_path}: cannot write: No space left on device" in line and "--resume" in line
@@ -536,7 +552,7 @@ def test_injected_enospc_on_meta_keeps_the_old_meta(partial, tmp_path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with pytest.MonkeyPatch.context() as mp_:
-        mp_.setattr(durable, "_write_all", full)
+        mp_.setattr(durable, "write_all", full)
         with pytest.raises(results.WriteError, match="meta.json: cannot write: No space left on device"):
             run.update_meta(status="x")
     assert run.meta_path.read_bytes() == old and not list(partial.glob("*.tmp"))
@@ -632,7 +648,7 @@ def test_read_only_results_root_and_run_folder(partial, suite_file, reference, t
 
 
 def test_injected_erofs_mid_run(partial, suite_file, reference, tmp_path, capsys):
-    real = durable._write_all
+    real = durable.write_all
     count = {"n": 0}
 
     def ro(fd, data):
@@ -643,7 +659,7 @@ def test_injected_erofs_mid_run(partial, suite_file, reference, tmp_path, capsys
 
     capsys.readouterr()
     with pytest.MonkeyPatch.context() as mp_:
-        mp_.setattr(durable, "_write_all", ro)
+        mp_.setattr(durable, "write_all", ro)
         assert main(run_argv(suite_file, tmp_path / "r", partial)) == 2
     assert "Read-only file system" in one_line(capsys.readouterr().err)
     assert main(run_argv(suite_file, tmp_path / "r", partial)) == 0

@@ -25,6 +25,7 @@ from moebench.core.case import case_axes
 from moebench.core.errors import MoebenchError
 from moebench.core.metrics import METRICS, PHASES, metric
 from moebench.core.paths import write_output
+from moebench.store.reader import sorted_ok
 from moebench.compare.sides import load_side
 
 FORMATS = ("baseline", "pytest-benchmark", "asv")
@@ -34,12 +35,6 @@ BASELINE_META = ("suite", "suite_path", "suite_sha256", "suite_version", "descri
 BASELINE_FORMAT = "moebench-baseline"
 # Written into `version` when pytest-benchmark is not installed (the schema of the 4.x/5.x line).
 PYTEST_BENCHMARK_FALLBACK_VERSION = "5.1.0"
-
-
-def _ok_rows(rows: list[dict]) -> list[dict]:
-    latest = {(r.get("case_id"), r.get("router")): r for r in rows}  # resumed runs: last wins
-    ok = [r for r in latest.values() if r.get("status") == "ok"]
-    return sorted(ok, key=lambda r: (str(r.get("case_id")), str(r.get("router"))))
 
 
 def _measured(column: str) -> bool:
@@ -53,7 +48,7 @@ def _measured(column: str) -> bool:
 def baseline(meta: dict, rows: list[dict], with_timings: bool = False) -> dict:
     """The baseline document of a run: its meta and its ok rows, sorted; without timings
     (default) only the columns and meta keys that the code and the suite decide."""
-    ok = _ok_rows(rows)
+    ok = sorted_ok(rows)
     if with_timings:
         return {"format": BASELINE_FORMAT, "meta": {**meta, "timings_included": True}, "rows": ok}
     kept = {k: meta[k] for k in BASELINE_META if k in meta}
@@ -169,7 +164,7 @@ def pytest_benchmark(meta: dict, rows: list[dict]) -> dict:
     }
     suite = meta.get("suite", "moebench")
     benchmarks = []
-    for row in _ok_rows(rows):
+    for row in sorted_ok(rows):
         for phase in PHASES:
             stats = pytest_benchmark_stats(row, phase)
             if stats is None:
@@ -206,7 +201,7 @@ def export_runs_asv(run_dirs, out: str | Path, machine: str | None = None) -> in
     runs = []
     for run_dir in run_dirs:
         meta, rows = load_side(run_dir)
-        runs.append((meta, _ok_rows(rows)))
+        runs.append((meta, sorted_ok(rows)))
     return export_asv(runs, out, machine)
 
 

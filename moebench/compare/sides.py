@@ -5,17 +5,16 @@ times from two machines on one scale (per the reference kernel timed in each run
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from moebench.core.errors import MoebenchError
+from moebench.core.rows import ROW_KEY
+from moebench.store.reader import latest_rows, read_regular
 from moebench.store.runs import META, ROWS, RunDir
 
 MODES = ("auto", "absolute", "relative")
-log = logging.getLogger("moebench.compare.verdicts")
 
 
 MAX_BASELINE_BYTES = 256 << 20  # a baseline of 100 000 rows is ~200 MB
@@ -23,14 +22,9 @@ MAX_BASELINE_BYTES = 256 << 20  # a baseline of 100 000 rows is ~200 MB
 
 def _read_baseline(path: Path) -> tuple[dict, list[dict]]:
     """(meta, rows) of a baseline file; every way it can be malformed is one MoebenchError."""
-    try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size > MAX_BASELINE_BYTES:
-                raise MoebenchError(f"{path}: {size} bytes; a baseline file may have at most {MAX_BASELINE_BYTES}")
-            data = fh.read(MAX_BASELINE_BYTES + 1)
-    except OSError as exc:
-        raise MoebenchError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    data = read_regular(path, MAX_BASELINE_BYTES)  # a FIFO or device in its place: refused at once
+    if data is None:
+        raise MoebenchError(f"{path}: no such run folder or baseline file")
     try:
         doc = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -43,19 +37,13 @@ def _read_baseline(path: Path) -> tuple[dict, list[dict]]:
     meta = doc.get("meta")
     if meta is not None and not isinstance(meta, dict):
         raise MoebenchError(f"{path}: meta: expected a JSON object, got {type(meta).__name__}")
-    latest: dict[tuple[str, str], dict] = {}
     for i, row in enumerate(doc["rows"]):
         if not isinstance(row, dict):
             raise MoebenchError(f"{path}: rows[{i}]: expected a JSON object (a row), got {type(row).__name__}")
-        for key in ("case_id", "router"):
+        for key in ROW_KEY:
             if not isinstance(row.get(key), str):
                 raise MoebenchError(f"{path}: rows[{i}].{key}: expected a string, got {type(row.get(key)).__name__}")
-        latest.pop((row["case_id"], row["router"]), None)
-        latest[(row["case_id"], row["router"])] = row
-    dropped = len(doc["rows"]) - len(latest)
-    if dropped:
-        log.warning("%s: %d duplicate (case_id, router) row(s); kept the last of each", path, dropped)
-    return dict(meta or {}), list(latest.values())
+    return dict(meta or {}), latest_rows(doc["rows"], path)
 
 
 def load_side(path: str | Path) -> tuple[dict, list[dict]]:

@@ -17,6 +17,7 @@ import pandas as pd
 
 from moebench.core.case import case_axes
 from moebench.core.metrics import PHASES
+from moebench.core.rows import ok_only
 
 AXES = ("tokens", "experts")
 OTHER_AXES = case_axes()  # a series holds every case axis fixed but the swept one
@@ -31,7 +32,7 @@ def scaling_table(rows: pd.DataFrame) -> pd.DataFrame:
     out = []
     if rows.empty or "status" not in rows:
         return pd.DataFrame()
-    ok = rows[rows["status"] == "ok"]
+    ok = ok_only(rows)
     for axis in AXES:
         fixed = [c for c in OTHER_AXES if c != axis and c in ok.columns]
         for phase in PHASES:

@@ -27,6 +27,7 @@ from moebench.report.plot_style import (
     VARIANT, Style, draw_lines, legend_outside, new_figure, plain_log_axis, save, theme,
 )
 from moebench.core.metrics import PHASES
+from moebench.core.rows import ok_only
 from moebench.report.tables import add_case_labels
 
 MAX_CASE_FIGURES = 4  # per-case figures (expert loads, stream trajectories) per report
@@ -46,7 +47,7 @@ class Plot:
 def _ok(rows: pd.DataFrame) -> pd.DataFrame:
     if rows is None or rows.empty:
         return pd.DataFrame()
-    return rows[rows["status"] == "ok"].copy() if "status" in rows.columns else rows.copy()
+    return ok_only(rows).copy()
 
 
 def _slug(text: str, limit: int = 60) -> str:

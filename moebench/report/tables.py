@@ -20,6 +20,7 @@ import pandas as pd
 
 from moebench.core.case import case_axes
 from moebench.core.metrics import PHASES, direction
+from moebench.core.rows import ok_only
 from moebench.report.markdown import KEY_TAIL, STREAM_STATS
 from moebench.store.runs import RunDir, load_run
 
@@ -169,13 +170,9 @@ def _sorted(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop(columns="_router_rank").reset_index(drop=True)
 
 
-def _ok(df: pd.DataFrame) -> pd.DataFrame:
-    return df[df["status"] == "ok"] if "status" in df.columns else df
-
-
 def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
     """The ok rows of ``df``, with case labels, sorted by case axes, run and router."""
-    return _sorted(_ok(_ensure_labels(df)))
+    return _sorted(ok_only(_ensure_labels(df)))
 
 
 def _select(df: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
@@ -206,7 +203,7 @@ def throughput_table(df: pd.DataFrame) -> pd.DataFrame:
     number in any of its columns (:func:`moebench.report.markdown.markdown_table` writes its
     status there instead)."""
     df = blank_untimed(_ensure_labels(df))
-    ok = _ok(df)
+    ok = ok_only(df)
     columns = []
     for phase in PHASES:
         status = [f"{phase}.status"] if f"{phase}.status" in df.columns else []
@@ -241,7 +238,7 @@ def stream_table(df_rows: pd.DataFrame, batches_df: pd.DataFrame) -> pd.DataFram
     for lower-is-better metrics, the min for higher-is-better ones)."""
     cols = [f"{m}_{s}" for m in STREAM_METRICS for s in STREAM_STATS]
     empty = pd.DataFrame(columns=["case", "router", "batches"] + cols + list(KEY_TAIL))
-    rows = _ok(_ensure_labels(df_rows))
+    rows = ok_only(_ensure_labels(df_rows))
     if batches_df is None or batches_df.empty or rows.empty or "batches" not in rows.columns:
         return empty
     rows = rows[pd.to_numeric(rows["batches"], errors="coerce") > 1]

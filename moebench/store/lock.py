@@ -158,6 +158,6 @@ def _holder(fd: int) -> dict | None:
     try:
         text = os.pread(fd, 4096, 0).decode("utf-8", errors="replace")
         data = json.loads(text)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: a lock file of [[[[...
         return None
     return data if isinstance(data, dict) else None

@@ -9,8 +9,10 @@ Durability (docs/architecture.md, Decisions):
   line. Only a kill -9 or a crash of the machine mid-write can, and :meth:`RunDir.repair`
   (run by ``--resume`` under the run lock, before it appends) mends that tail: a tail that is
   a whole JSON object lacking its newline is terminated, anything else is cut off.
-- Readers never fail on a line: a torn last line, a line that is not JSON (garbage, binary) or
-  not an object, and a row without ``case_id``/``router`` are skipped, each file's problems
+- Readers (all through :mod:`moebench.store.reader`) read regular files only, within size
+  limits (a FIFO or /dev/zero in a file's place is refused in one line), and never fail on a
+  line: a torn last line, a line that is not JSON (garbage, binary, nested too deep, too long)
+  or not an object, and a row without ``case_id``/``router`` are skipped, each file's problems
   logged as ONE warning line naming the file and line numbers (the CLI prints it). A garbage
   line in the middle is not fatal: it holds no row, so ``--resume`` measures that pair again.
   A line that is a torn record followed by a whole one (what earlier versions wrote when they
@@ -32,17 +34,20 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from moebench.store.durable import (  # noqa: F401 (re-exported: the storage API lives here)
-    WriteError, _append_line, _clean, _dedupe, _write_all, read_jsonl, repair_tail, write_error, write_json_atomic,
-)
 from moebench.core.errors import MoebenchError
+from moebench.core.rows import ROW_KEY
+from moebench.store.durable import (  # noqa: F401 (re-exported: the storage API lives here)
+    WriteError, append_line, repair_tail, write_error, write_json_atomic,
+)
+from moebench.store.reader import (  # noqa: F401 (re-exported likewise)
+    MAX_JSON_BYTES, last_per_key, latest_rows, loads_json, read_jsonl, read_regular,
+)
 from moebench.store.lock import RunLock, describe, process_state
 
 ROWS = "rows.jsonl"
@@ -51,9 +56,7 @@ LOADS = "loads.jsonl"
 STEPS = "steps.jsonl"  # per-eval records of training runs (moebench/kinds/train/)
 META = "meta.json"
 SUITE_COPY = "suite.yaml"
-KEY = ("case_id", "router")  # what every record of the three JSONL files must carry
-
-log = logging.getLogger("moebench.store.runs")
+KEY = ROW_KEY  # what every record of the three JSONL files must carry
 
 
 def new_run_id(now: dt.datetime | None = None) -> str:
@@ -116,11 +119,11 @@ class RunDir:
         write_json_atomic(self.meta_path, meta)
 
     def append_row(self, row: dict) -> None:
-        _append_line(self.rows_path, row)
+        append_line(self.rows_path, row)
 
     def append_batches(self, records: list[dict]) -> None:
         for record in records:
-            _append_line(self.batches_path, record)
+            append_line(self.batches_path, record)
 
     @property
     def steps_path(self) -> Path:
@@ -129,15 +132,15 @@ class RunDir:
     def append_steps(self, records) -> None:
         """Per-evaluation records of a trained router: {run_id, case_id, router, seed, step, ...}."""
         for record in records:
-            _append_line(self.steps_path, record)
+            append_line(self.steps_path, record)
 
     def steps(self) -> list[dict]:
-        return _dedupe(read_jsonl(self.steps_path), ("case_id", "router", "seed", "step"))[0]
+        return last_per_key(read_jsonl(self.steps_path), ("case_id", "router", "seed", "step"))[0]
 
     def append_loads(self, record: dict | None) -> None:
         """Per-expert loads of one row's first batch: {run_id, case_id, router, batch, loads}."""
         if record is not None:
-            _append_line(self.loads_path, record)
+            append_line(self.loads_path, record)
 
     def repair(self) -> list[str]:
         """Mend torn tails of the three JSONL files before appending (hold the run lock)."""
@@ -145,17 +148,12 @@ class RunDir:
         return [n for n in notes if n]
 
     def meta(self) -> dict:
+        text = read_regular(self.meta_path, MAX_JSON_BYTES)  # a FIFO or device: one line, no wait
+        if text is None:
+            raise MoebenchError(f"{self.path}: not a moebench run (no {META})")
         try:
-            text = self.meta_path.read_bytes()
-        except FileNotFoundError:
-            raise MoebenchError(f"{self.path}: not a moebench run (no {META})") from None
-        except IsADirectoryError:
-            raise MoebenchError(f"{self.meta_path}: is a folder, not a file") from None
-        except OSError as exc:
-            raise MoebenchError(f"{self.meta_path}: cannot read: {exc.strerror or exc}") from None
-        try:
-            meta = json.loads(text.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested [[[[...
+            meta = loads_json(text.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):  # nested [[[[... included
             raise MoebenchError(f"{self.meta_path}: not valid JSON (truncated or overwritten?)") from None
         if not isinstance(meta, dict):
             raise MoebenchError(f"{self.meta_path}: expected a JSON object, found {type(meta).__name__}")
@@ -176,16 +174,13 @@ class RunDir:
 
     def rows(self) -> list[dict]:
         """The rows, one per (case_id, router): a duplicate's last row wins (one warning)."""
-        rows, dropped = _dedupe(self.raw_rows(), ("case_id", "router"))
-        if dropped:
-            log.warning("%s: %d duplicate (case_id, router) row(s); kept the last of each", self.rows_path, dropped)
-        return rows
+        return latest_rows(self.raw_rows(), self.rows_path)
 
     def batches(self) -> list[dict]:
-        return _dedupe(read_jsonl(self.batches_path, required=KEY), ("case_id", "router", "batch"))[0]
+        return last_per_key(read_jsonl(self.batches_path, required=KEY), ("case_id", "router", "batch"))[0]
 
     def loads(self) -> list[dict]:
-        return _dedupe(read_jsonl(self.loads_path, required=KEY), ("case_id", "router", "batch"))[0]
+        return last_per_key(read_jsonl(self.loads_path, required=KEY), ("case_id", "router", "batch"))[0]
 
     def finished_keys(self) -> set[tuple[str, str]]:
         """(case_id, router) of rows already on disk: what --resume skips (an error row marked

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from moebench.core.rows import ok_only
+
 FIG_DIR = "parallel"
 
 
@@ -28,7 +30,8 @@ def parallel_section(data, out_dir: Path) -> str | None:
     rows = data.rows
     if rows.empty or "parallel_mode" not in rows.columns:
         return None
-    rows = rows[rows["parallel_mode"].notna() & (rows["status"] == "ok")]
+    rows = ok_only(rows)
+    rows = rows[rows["parallel_mode"].notna()]
     if rows.empty:
         return None
     fig_dir = out_dir / FIG_DIR

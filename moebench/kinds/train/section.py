@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from moebench.core.rows import ok_only
 from moebench.report import tables
 from moebench.report.markdown import engineering, legend, markdown_table
 
@@ -38,7 +39,8 @@ def load_steps(runs) -> pd.DataFrame:
 def ranking_table(rows: pd.DataFrame) -> pd.DataFrame:
     """One row per case x trained router, sorted by held-out loss within each case; each metric
     shown as `mean [low, high]` text would defeat bolding, so the interval is its own column."""
-    ok = rows[(rows.get("kind") == "train") & (rows["status"] == "ok")] if "kind" in rows.columns else rows.iloc[0:0]
+    ok = ok_only(rows)
+    ok = ok[ok["kind"] == "train"] if "kind" in ok.columns else ok.iloc[0:0]
     if ok.empty:
         return pd.DataFrame()
     columns = ["case", "router"]
