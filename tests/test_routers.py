@@ -561,3 +561,20 @@ def test_renormalize_after_drop_gshard():
     r = route("gshard", logp([[0.6, 0.4], [0.7, 0.3], [0.55, 0.45]]), renormalize_after_drop=True, **kw)
     assert r.kept.tolist() == [True, True, False, True, True, False]
     assert close(r.kept_weight_per_token(), [1.0, 1.0, 0.0])
+
+
+def test_base_refuses_k2_and_a_k2_trace_replay_reads_no_uninitialised_memory():
+    # #23: a trace header naming BASE as its replay router at top_k=2 made replay_layer return
+    # the never-written 2nd column of torch.empty (index 4604121378428289024)
+    from moebench.core.errors import MoebenchError
+    from moebench.kinds.traces.families import replay_layer
+
+    logits = torch.randn(37, 8, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match="exactly 1 expert"):
+        create_router("base").route(RouteInputs(logits), RouteContext(top_k=2, capacity=None))
+    header = {"replay": {"name": "base"}, "top_k": 2, "num_experts": 8}
+    with pytest.raises(MoebenchError, match="replay router 'base' cannot replay it: .*top_k=2"):
+        replay_layer(header, logits)
+    out = replay_layer(dict(header, top_k=1), logits)
+    assert out.shape == (37, 1) and int(out.min()) >= 0 and int(out.max()) < 8
+    assert sorted(torch.bincount(out[:, 0], minlength=8).tolist()) == [4] * 3 + [5] * 5  # balanced

@@ -162,6 +162,9 @@ class BaseLayers(Router):
     capture_reason = "the balanced assignment is solved on the CPU (numpy, float64) and copied back"
 
     def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:
+        problem = self.applicable(ctx.top_k, inputs.logits.shape[1])
+        if problem:  # one choice per token: a caller that asks for k > 1 must not read a 2nd (#23)
+            raise ValueError(problem)
         logits = inputs.logits.float()
         t, e = logits.shape
         device = logits.device

@@ -122,10 +122,15 @@ def replay_layer(header: dict, logits: torch.Tensor, bias: torch.Tensor | None =
     if made is None:
         return None
     router, state = made
-    ctx = RouteContext(header["top_k"], None, "position", torch.Generator().manual_seed(0), state)
-    routing = router.route(RouteInputs(logits=logits.float()), ctx)
     n, k = logits.shape[0], header["top_k"]
-    out = torch.empty(n, k, dtype=torch.int64)
+    problem = router.applicable(k, logits.shape[1])  # e.g. BASE (top-1) at k=2 filled half of `out`
+    if problem:
+        from moebench.core.errors import MoebenchError
+
+        raise MoebenchError(f"trace header: replay router {header['replay'].get('name')!r} cannot replay it: {problem}")
+    ctx = RouteContext(k, None, "position", torch.Generator().manual_seed(0), state)
+    routing = router.route(RouteInputs(logits=logits.float()), ctx)
+    out = torch.full((n, k), -1, dtype=torch.int64)  # never uninitialised memory: unfilled slots stay -1
     out[routing.token_index, routing.choice] = routing.expert_index
     return out
 
