@@ -12,7 +12,10 @@ Parts (each a call of the code the route runs, timed on its own):
 - ``capacity``: `kernels.keep_position` on the rank-major experts (the `position` pass);
 - ``finish``: `TokenChoiceRouter.finish` (capacity + building the Routing), and ``build``: the
   same without capacity (only the Routing's tensors);
-- ``overhead``: route - (score + select + finish): Python, dataclasses, dtype casts, calls;
+- ``fused``: `kernels.route_fused` (where it exists): selection, capacity and the Routing's
+  tensors in one serial call, what the route runs below the parallel threshold;
+- ``overhead``: route - (score + select + finish), or route - (score + fused) where the fused
+  call is the route's path: Python, dataclasses, dtype casts, calls;
 - ``numba empty`` / ``numba empty parallel``: a no-op kernel with one array argument, serial and
   with a prange over the threads (launch + thread wake-up); ``set_num_threads``: numba's call.
 A part the measured revision does not have is shown as "-".
@@ -42,7 +45,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENS = [1, 16, 64, 256, 1024, 4096]
 PARTS = ["bare softmax+topk", "numba empty", "numba empty parallel", "set_num_threads", "memcopy logits",
-         "score", "select", "capacity", "build", "finish", "overhead", "route"]
+         "score", "select", "capacity", "build", "finish", "fused", "overhead", "route"]
 
 
 def _ints(text: str) -> list[int]:
@@ -138,6 +141,10 @@ def measure(tokens: list[int], routers: list[str], threads: int, quick: bool) ->
         row["finish"] = time_us(lambda: router.finish(expert, weight, scores, logits, ctx))
         row["route"] = time_us(lambda: router.route(inputs, ctx))
         row["overhead"] = row["route"] - row["score"] - row["select"] - row["finish"]
+        if hasattr(kernels, "route_fused"):  # selection + Routing tensors in one call (decode sizes)
+            row["fused"] = time_us(lambda: kernels.route_fused(scores, k, None, False, cap, "position"))
+            if kernels.fused_route_pays(scores):
+                row["overhead"] = row["route"] - row["score"] - row["fused"]
         parts[t] = row
         routes[t] = {}
         for name in routers:

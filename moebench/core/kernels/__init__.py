@@ -24,6 +24,15 @@ argument of `dispatch`/`combine`, never an environment variable.
 - `combine_rows`: combine in one parallel pass over tokens, without the [N, d] temporary of
   `rows * weight[:, None]` and without index_add_ (several times a memcopy on CPU).
 The dispatch/combine kernels live in `_numba_dispatch`.
+- Decode sizes (`_numba_small`): below PARALLEL_MIN_WORK every kernel has a serial form that
+  runs on the calling thread without touching numba's thread count (a parallel launch wakes a
+  thread: more than the work at T <= 1024), `assignments` builds a Routing's token, choice and
+  kept in one pass (the `position` capacity fused, expert ids bound-checked) and `route_fused`
+  runs a whole top-k route after the scores in one call that allocates its own outputs.
+- Every kernel that indexes by an expert id bound-checks it in a pass it makes anyway and
+  reports it (`ExpertOutOfRange`) before anything is written there: a plugin router's bad ids
+  become an `InvalidRouting` row, never an out-of-bounds write.
+- `sinkhorn_scale` (`_numba_sinkhorn`): Sinkhorn's whole scaling iteration in one call.
 
 numba is imported on first use, so `import moebench` stays fast; kernels compile on their
 first call (cached on disk afterwards). They run on `torch.get_num_threads()` threads, so
