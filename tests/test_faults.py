@@ -733,3 +733,35 @@ def test_sys_exit_of_a_router_in_a_train_suite_is_an_error_row(tmp_path, monkeyp
     assert [r["status"] for r in bad] == ["error", "error"]
     assert all(r["reason"] == "exited: the router called sys.exit(3)" for r in bad)
     assert all(r["status"] == "ok" for r in rows if r["router"] != "exits_in_training")
+
+
+# ---------------------------------------- #23 item 16: timing.timeout_s without isolation
+
+def test_timeout_s_holds_without_isolation(tmp_path, monkeypatch):
+    from dataclasses import dataclass
+
+    from moebench.cli import main
+    from moebench.routers import TokenChoiceRouter
+    from moebench.routers.registry import ROUTERS
+
+    @dataclass(frozen=True)
+    class Sleeper(TokenChoiceRouter):
+        paper = "test"
+
+        def route(self, inputs, ctx):
+            while True:
+                time.sleep(0.05)  # Python code: the alarm stops it at its next line
+
+    Sleeper.name = "sleeper_unisolated"
+    monkeypatch.setitem(ROUTERS._classes, "sleeper_unisolated", Sleeper)
+    suite = tmp_path / "slow.yaml"
+    suite.write_text("name: slow\nversion: 1\ngrid: {workload: uniform, tokens: 64, experts: 4, top_k: 1}\n"
+                     "routers: [sleeper_unisolated, topk]\ntiming: {enabled: false, isolate: false, timeout_s: 1}\n")
+    start = time.monotonic()
+    assert main(["run", str(suite), "--results", str(tmp_path / "r"), "--no-report"]) == 0
+    assert time.monotonic() - start < 30
+    (run,) = (tmp_path / "r" / "slow").iterdir()
+    rows = {r["router"]: r for r in map(json.loads, (run / "rows.jsonl").read_text().splitlines())}
+    assert rows["sleeper_unisolated"]["status"] == "error"
+    assert rows["sleeper_unisolated"]["reason"].startswith("RouterTimeout: exceeded timing.timeout_s=1 s")
+    assert rows["topk"]["status"] == "ok"

@@ -27,7 +27,7 @@ from moebench.routers.registry import ROUTERS
 from moebench.core.routing import Routing
 from moebench.core.routing_check import check_routing
 from moebench.core.stream_batches import Batches
-from moebench.run.timing import clock_for, measure, peak_memory, pinned_threads
+from moebench.run.timing import clock_for, measure, peak_memory, pinned_threads, time_limit
 from moebench.core.workloads import WORKLOADS, BatchShape, generator
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -250,7 +250,9 @@ class CaseRunner:
             if reason:
                 row.update(status="skipped", reason=reason)
                 return RowResult(row, [])
-            batches, loads = self._stream(router, row)
+            # without isolation, timing.timeout_s is a SIGALRM here (#23); isolated, the parent kills
+            with time_limit(None if self.timing.isolate else self.timing.timeout_s):
+                batches, loads = self._stream(router, row)
         except WorkloadMismatchError as exc:
             row.update(status="skipped", reason=str(exc))
             return RowResult(row, [])

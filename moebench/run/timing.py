@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -204,3 +206,29 @@ def pinned_threads(n: int | None) -> Iterator[int]:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(previous)
+
+
+class RouterTimeout(Exception):
+    """A router ran past ``timing.timeout_s`` in the main process (``isolate: false``)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Within the block, SIGALRM after ``seconds`` raises `RouterTimeout` in the main thread: how
+    ``timing.timeout_s`` holds without isolation (#23). It stops Python code only: a kernel stuck
+    in C returns first, which only an isolated worker (killed by its parent) can cut short. A
+    no-op for None, off the main thread, or where there is no setitimer."""
+    if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise RouterTimeout(f"exceeded timing.timeout_s={seconds:g} s (not isolated: stopped at its next Python line)")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
