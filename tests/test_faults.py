@@ -765,3 +765,30 @@ def test_timeout_s_holds_without_isolation(tmp_path, monkeypatch):
     assert rows["sleeper_unisolated"]["status"] == "error"
     assert rows["sleeper_unisolated"]["reason"].startswith("RouterTimeout: exceeded timing.timeout_s=1 s")
     assert rows["topk"]["status"] == "ok"
+
+
+def test_the_moebench_phase_fixture_checks_the_routing(tmp_path, monkeypatch, moebench_phase):
+    from dataclasses import dataclass, replace
+
+    import torch
+
+    from moebench.core.routing_check import InvalidRouting
+    from moebench.routers import TokenChoiceRouter
+    from moebench.routers.registry import ROUTERS
+
+    @dataclass(frozen=True)
+    class FarIds(TokenChoiceRouter):
+        paper = "test"
+
+        def route(self, inputs, ctx):
+            top = torch.topk(inputs.logits.float(), ctx.top_k, dim=-1)
+            routing = self.finish(top.indices, top.values, inputs.logits.float(), inputs.logits.float(), ctx)
+            return replace(routing, expert_index=routing.expert_index + 10**6)
+
+    FarIds.name = "far_ids_fixture"
+    monkeypatch.setitem(ROUTERS._classes, "far_ids_fixture", FarIds)
+    suite = tmp_path / "fx.yaml"
+    suite.write_text("name: fx\nversion: 1\ngrid: {workload: uniform, tokens: 64, experts: 4, top_k: 1}\n"
+                     "routers: [far_ids_fixture]\ntiming: {isolate: false}\n")
+    with pytest.raises(InvalidRouting, match="expert_index out of range"):
+        moebench_phase(str(suite), router="far_ids_fixture", phase="dispatch")

@@ -182,7 +182,10 @@ class PhaseFactory:
         capacity = expert_capacity(c.capacity, c.tokens, c.experts, c.top_k)
         state = r.init_state(c.experts, inputs.logits.device)
         ctx = RouteContext(c.top_k, capacity, c.drop_policy, generator(c.device, c.seed, ROUTER_STREAM), state)
-        routing = r.route(inputs, ctx)
+        # checked before metrics or the dispatch/combine kernels read it, as the runner does (#23)
+        from moebench.core.routing_check import check_routing
+
+        routing = check_routing(r.route(inputs, ctx), spec.display if spec else router, finite=(inputs.logits,))
         metrics = routing_metrics(routing)
         fn = phase_calls(r, inputs, ctx, routing, capture=timing.mode == "cuda_graph")[phase]
         if isinstance(fn, PhaseSkip):
