@@ -133,6 +133,8 @@ def trial_ab(repo: Path, a: str, b: str, results: Path, mode: str, budget: float
     flagged = defaultdict(bool)
     for row in doc["summary"]:
         flagged[row["router"]] |= row["verdict"] == "slower"
+    print(f"  ab: {doc['pairs']} pairs, stopped by {doc['stopped_by']}, blocks of {doc['block_ms']:.2g} ms, "
+          f"{doc['wall_s']:.0f} s", file=sys.stderr)
     return flagged, time.monotonic() - start
 
 
@@ -146,7 +148,7 @@ def busy_loop() -> subprocess.Popen:
 def table(results: dict, trials: int, fractions, load: bool) -> str:
     lines = ["| method | load | injected slowdown | trials | slowed router flagged | untouched routers flagged "
              "| wall per trial (median) |", "|---|---|---|---|---|---|---|"]
-    where = "one core busy" if load else "quiet"
+    where = "busy loop on 1 core" if load else "none added"
     for method, per in results.items():
         walls = per["wall"]
         wall = f"{statistics.median(walls):.0f} s" if walls else "-"
