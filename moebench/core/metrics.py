@@ -71,13 +71,13 @@ PHASE_METRICS: dict[str, Metric] = {
     f"{phase}.{f.name}": Metric(f"{phase}.{f.name}", f.direction, False, f"{phase}: {f.description}")
     for phase in PHASES for f in _PHASE_FIELDS}
 
-_ALL: tuple[int, dict[str, Metric], list[Metric]] | None = None  # (id of the kinds loaded, exact, patterns)
+_ALL: tuple[dict, dict[str, Metric], list[Metric]] | None = None  # (the kinds they come from, exact, patterns)
 
 
 def _tables() -> tuple[dict[str, Metric], list[Metric]]:
     global _ALL
     found = kinds.kinds()
-    if _ALL is None or _ALL[0] != id(found):
+    if _ALL is None or _ALL[0] is not found:  # built again when the kinds registry is
         exact: dict[str, Metric] = dict(ROUTING_METRICS)
         for kind in found.values():
             for m in kind.metrics:
@@ -88,7 +88,7 @@ def _tables() -> tuple[dict[str, Metric], list[Metric]]:
                                         f"{seen.direction}/{'deterministic' if seen.deterministic else 'measured'}")
                 exact.setdefault(m.name, m)
         exact.update(PHASE_METRICS)
-        _ALL = (id(found), exact, [m for m in exact.values() if "*" in m.name])
+        _ALL = (found, exact, [m for m in exact.values() if "*" in m.name])
     return _ALL[1], _ALL[2]
 
 
