@@ -1,6 +1,7 @@
 """Expert parallelism (docs/parallel.md): a suite's ``parallel:`` block runs each case as an
 expert-parallel MoE layer on torch.distributed ranks, or through a cost model.
 
+kind.py       the parallel Kind: its block, rows, torchrun hooks, section and metrics
 spec.py       the ``parallel:`` block and its validation
 placement.py  contiguous, round-robin and EPLB placements (pure tensor functions)
 plan.py       a rank's dispatch plan and the layer's byte matrix, from a Routing
