@@ -19,6 +19,10 @@ from moebench.core.paths import output_problem, write_output
 
 
 def _cmd_run(args) -> int:
+    from moebench.suite.files import read_suite_file
+
+    # a file refused for what it is (binary, huge, not YAML) is refused before torch loads (#23)
+    read_suite_file(Path(args.suite), str(args.suite))
     from tqdm import tqdm
 
     from moebench.store.runs import WriteError
@@ -331,9 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     # before anything imports torch or numba: numba on an OpenMP pool and a short OpenMP spin, so
     # torch's and numba's pools do not take each other's cores (moebench/run/threads.py); the
     # user's own thread variables win, and meta.json records which applied
-    from moebench.run.threads import settle
+    from moebench.run.threads import settle, thread_count_problem
 
     settle()
+    if thread_count_problem():  # before numba or OpenMP start that many threads (#23)
+        print(f"moebench: error: {thread_count_problem()}", file=sys.stderr)
+        return 2
     try:
         parser = build_parser()
     except MoebenchError as exc:  # a kind plugin that fails to load: one line, not a traceback

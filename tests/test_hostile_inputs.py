@@ -563,3 +563,391 @@ def test_a_reader_that_stops_early_is_not_an_error():
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0 and err == "", err
+
+
+# =============================================================================================
+# #23: a generated corpus over the newer surfaces (train:, parallel:, trace folders, run
+# folders, shards, merge, torchrun environments), each through `python -m moebench` in a
+# subprocess with a timeout (a FIFO must not hang pytest). Every input must be refused with
+# exit 2 and one line, or run to completion (exit 0, or 1 for compare's verdict): no traceback,
+# no signal, no hang, no "unexpected" backstop. `python tests/test_hostile_inputs.py [ROOT]`
+# prints the counts and median refusal times for the moebench tree at ROOT (default: this one),
+# which is how the numbers before #23 were taken.
+
+EXT_TIMEOUT_S = 45.0
+EXTENDED: list[tuple[str, object]] = []  # (id, make(d) -> (argv, extra environment))
+
+SMALL = {"name": "ext", "version": 1, "grid": {"workload": "uniform", "tokens": 64, "experts": 4, "top_k": 1,
+                                                "hidden": 8}, "routers": ["topk"], "timing": {"enabled": False}}
+TRAIN = {**SMALL, "routers": ["switch"], "train": {"steps": 2, "tokens_per_step": 32, "task": "teacher"}}
+TRAIN["grid"] = {"experts": 4, "top_k": 1, "hidden": 8}
+PARALLEL = {**SMALL, "parallel": {"ep": 2, "experts": "identity", "timeout_s": 30}}
+MODEL = {**SMALL, "parallel": {"mode": "model", "ep": [2, 4]}}
+
+
+def ext(pid: str):
+    def register(make):
+        EXTENDED.append((pid, make))
+        return make
+    return register
+
+
+def _suite_file(d: Path, pid: str, doc) -> Path:
+    path = d / "ext" / f"{pid.replace('/', '_')}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(doc if isinstance(doc, str) else dump(doc))
+    return path
+
+
+def _block_probe(prefix: str, base: dict, block: str, key: str, value, commands=("validate",)) -> None:
+    for cmd in commands:
+        pid = f"{prefix}.{key}={json.dumps(value)[:40]}.{cmd}"
+
+        def make(d, pid=pid, key=key, value=value, cmd=cmd):
+            doc = json.loads(json.dumps(base))
+            doc[block][key] = value
+            path = _suite_file(d, pid, doc)
+            argv = ["validate", str(path)] if cmd == "validate" else \
+                ["run", str(path), "--results", str(d / "ext-results"), "--no-report"]
+            return argv, {}
+        EXTENDED.append((pid, make))
+
+
+TRAIN_BAD = {"lr": [1e300, -1, 0, "fast", [1], None], "steps": [0, -3, 10**12, "x"], "tokens_per_step": [0, 10**12],
+             "task": ["no_such_task", 3, {"name": 3}], "optimizer": ["sgdx", 1], "seeds": [[], ["a"], [-1], 5],
+             "capacity_factor": [-1, "x", {"train": -1}], "eval_interval": [0, "x"], "gate_init": [3, {"std": -1}],
+             "aux_loss_coeff": [-1, "x"], "no_such_field": [1]}
+for _key, _values in TRAIN_BAD.items():
+    for _value in _values:
+        _block_probe("train", TRAIN, "train", _key, _value, ("validate", "run") if _key in ("lr", "steps") else ("validate",))
+
+PARALLEL_BAD = {"ep": [0, -1, "x", 1000, [2, 4], None], "placement": ["x", 3], "redundant_experts": [10**12, -1],
+                "ffn_hidden": [10**9, 0], "timeout_s": [1e308, 1e-9, 0, "x"], "backend": ["mpi"], "nodes": [3, 0],
+                "ema_alpha": [0, "x"], "experts": ["magic"], "no_such_field": [1]}
+for _key, _values in PARALLEL_BAD.items():
+    for _value in _values:
+        _block_probe("parallel", PARALLEL, "parallel", _key, _value)
+MODEL_BAD = {"wire_hidden": [2**70, 0], "dispatch_bytes": [2**70, 0], "combine_bytes": [2**70], "profile": ["x"],
+             "ep": [[0], [10**6], [], "x"], "groups": [0], "redundant_experts": [10**9]}
+for _key, _values in MODEL_BAD.items():
+    for _value in _values:
+        _block_probe("model", MODEL, "parallel", _key, _value, ("validate", "run"))
+for _name, _doc in {"train-ok": TRAIN, "model-ok": MODEL, "sexagesimal": dump(SMALL).replace("tokens: 64", "tokens: 1:04")}.items():
+    @ext(f"suite.{_name}.run")
+    def _(d, name=_name, doc=_doc):
+        return ["run", str(_suite_file(d, name, doc)), "--results", str(d / "ext-results"), "--no-report"], {}
+
+
+# trace folders: `moebench trace stats DIR`
+
+def _megatron(d: Path, name: str, record: dict | str | None = None, logits: bytes | None = None) -> Path:
+    folder = d / "traces" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    rec = {"step": 0, "block": "decoder", "layer": 1, "rank": 0, "num_tokens": 2, "top_indices": [[0], [1]]}
+    line = record if isinstance(record, str) else json.dumps({**rec, **(record or {})})
+    (folder / "router_trace_rank0.jsonl").write_text(line + "\n")
+    if logits is not None:
+        (folder / "logits_rank0.bin").write_bytes(logits)
+    return folder
+
+
+TRACE_FOLDERS = {
+    "empty": lambda d: (d / "traces" / "empty").mkdir(parents=True, exist_ok=True) or d / "traces" / "empty",
+    "megatron-ok": lambda d: _megatron(d, "megatron-ok"),
+    "megatron-rank-escape": lambda d: _megatron(d, "rank-escape", {"rank": "/../../../x", "logit_offset": 0,
+                                                                    "logit_bytes": 16, "logit_shape": [2, 4]}),
+    "megatron-rank-other": lambda d: _megatron(d, "rank-other", {"rank": 1, "logit_offset": 0, "logit_bytes": 16,
+                                                                   "logit_shape": [2, 4]}, logits=b"\0" * 16),
+    "megatron-nested": lambda d: _megatron(d, "nested", "[" * 100_000),
+    "megatron-binary": lambda d: _megatron(d, "binary", "\x00\xff\xfe"),
+    "megatron-ids-huge": lambda d: _megatron(d, "ids-huge", {"top_indices": [[10**30], [-(10**30)]]}),
+    "megatron-ids-type": lambda d: _megatron(d, "ids-type", {"top_indices": [["a"], [None]]}),
+    "megatron-layer-type": lambda d: _megatron(d, "layer-type", {"layer": [1]}),
+    "megatron-offset-huge": lambda d: _megatron(d, "offset-huge", {"logit_offset": 10**30, "logit_bytes": 16,
+                                                                     "logit_shape": [2, 4]}, logits=b"\0" * 16),
+    "trace-json-deep": lambda d: _trace_json(d, "deep", "[" * 100_000),
+    "trace-json-list": lambda d: _trace_json(d, "list", "[1, 2]"),
+    "trace-json-empty-header": lambda d: _trace_json(d, "empty-header", "{}"),
+    "trace-json-dir": lambda d: _trace_json(d, "json-dir", None),
+}
+
+
+def _trace_json(d: Path, name: str, text: str | None) -> Path:
+    folder = d / "traces" / f"tj-{name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if text is None:
+        (folder / "trace.json").mkdir(exist_ok=True)
+    else:
+        (folder / "trace.json").write_text(text)
+    return folder
+
+
+for _name, _make_folder in TRACE_FOLDERS.items():
+    @ext(f"trace.{_name}")
+    def _(d, make_folder=_make_folder):
+        return ["trace", "stats", str(make_folder(d)), "--experts", "4"], {}
+
+
+@ext("trace.megatron-fifo")
+def _(d):
+    folder = d / "traces" / "fifo"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "router_trace_rank0.jsonl").exists():
+        os.mkfifo(folder / "router_trace_rank0.jsonl")
+    return ["trace", "stats", str(folder), "--experts", "4"], {}
+
+
+# run folders: FIFOs, /dev/zero, huge and nested lines, symlinks; through every reader
+
+def _run_copy(d: Path, name: str, rows=None, meta=None, link: dict | None = None, fifo: str | None = None) -> Path:
+    run = d / "ext-runs" / name
+    if run.exists():
+        return run
+    run.mkdir(parents=True)
+    (run / "meta.json").write_bytes(meta if meta is not None else (FIXTURE_RUN / "meta.json").read_bytes())
+    if fifo:
+        (run / fifo).unlink(missing_ok=True)
+        os.mkfifo(run / fifo)
+    if rows is not None and fifo != "rows.jsonl":
+        (run / "rows.jsonl").write_bytes(rows)
+    elif fifo != "rows.jsonl":
+        (run / "rows.jsonl").write_bytes((FIXTURE_RUN / "rows.jsonl").read_bytes())
+    for name_, target in (link or {}).items():
+        (run / name_).unlink(missing_ok=True)
+        (run / name_).symlink_to(target)
+    return run
+
+
+def _huge(run: Path) -> None:
+    with open(run / "rows.jsonl", "ab") as fh:  # sparse: 300 MB of NUL bytes on one line
+        fh.truncate(300 << 20)
+
+
+RUN_FOLDERS = {
+    "rows-fifo": lambda d: _run_copy(d, "rows-fifo", fifo="rows.jsonl"),
+    "meta-fifo": lambda d: _run_copy(d, "meta-fifo", fifo="meta.json"),
+    "rows-dev-zero": lambda d: _run_copy(d, "rows-dev-zero", link={"rows.jsonl": "/dev/zero"}),
+    "rows-nested": lambda d: _run_copy(d, "rows-nested", rows=(FIXTURE_RUN / "rows.jsonl").read_bytes()
+                                       + b"[" * 5000 + b"\n"),
+    "rows-huge": lambda d: (_huge(_run_copy(d, "rows-huge")), d / "ext-runs" / "rows-huge")[1],
+    "rows-symlink-out": lambda d: _run_copy(d, "rows-symlink", link={"rows.jsonl": "/etc/passwd"}),
+    "suite-symlink-out": lambda d: _run_copy(d, "suite-symlink", link={"suite.yaml": "/etc/passwd"}),
+}
+RUN_COMMANDS = {
+    "report": lambda d, run: ["report", str(run), "--reports", str(d / "ext-reports")],
+    "compare": lambda d, run: ["compare", str(FIXTURE_RUN), str(run)],
+    "export": lambda d, run: ["export", str(run)],
+    "merge": lambda d, run: ["merge", str(run), "--results", str(d / "ext-merged"), "--no-report"],
+}
+for _what, _make_run in RUN_FOLDERS.items():
+    for _cmd, _argv in RUN_COMMANDS.items():
+        @ext(f"runs.{_what}.{_cmd}")
+        def _(d, make_run=_make_run, argv=_argv):
+            return argv(d, make_run(d)), {}
+
+
+# shards and merge: malformed meta, escapes, mixed code, mismatched resumes
+
+def _meta_of(**fields) -> bytes:
+    meta = json.loads((FIXTURE_RUN / "meta.json").read_text())
+    meta.update(fields)
+    return json.dumps(meta).encode()
+
+
+for _name, _fields in {"shard-abc": {"shard": "abc"}, "shard-3of2": {"shard": "3/2"}, "shard-int": {"shard": 5},
+                       "suite-escape": {"suite": "../../escaped"}, "suite-abs": {"suite": "/tmp/x"},
+                       "suite-int": {"suite": 3}, "cases-abc": {"cases": "abc"}, "version-list": {"moebench_version": [1]},
+                       "environment-int": {"environment": 3}}.items():
+    @ext(f"merge.meta-{_name}")
+    def _(d, name=_name, fields=_fields):
+        run = _run_copy(d, f"merge-{name}", meta=_meta_of(**fields))
+        return ["merge", str(run), "--results", str(d / "ext-merged"), "--no-report"], {}
+
+
+@ext("merge.mixed-code")
+def _(d):
+    a = _run_copy(d, "mixed-a", meta=_meta_of(shard="0/2", moebench_version="0.0.1"), rows=b"")
+    b = _run_copy(d, "mixed-b", meta=_meta_of(shard="1/2"))
+    return ["merge", str(a), str(b), "--results", str(d / "ext-merged"), "--no-report"], {}
+
+
+@ext("shard.resume-other-shard")
+def _(d):
+    path = _suite_file(d, "shard-resume", SMALL)
+    run = _run_copy(d, "shard-resume", meta=_meta_of(shard="0/2", suite="ext"))
+    return ["run", str(path), "--shard", "1/2", "--resume", str(run), "--no-report"], {}
+
+
+for _text in ("x", "2/2", "1/0", "-1/2", "1/2/3", "99999999999999999999/1"):
+    @ext(f"shard.flag-{_text}")
+    def _(d, text=_text):
+        return ["run", str(_suite_file(d, "shard-flag", SMALL)), "--shard", text, "--no-report"], {}
+
+
+# torchrun environments (no torchrun: its variables, as a careless launch script sets them)
+
+TORCHRUN_GOOD = {"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29577", "MOEBENCH_RENDEZVOUS_S": "3"}
+for _name, _env in {"world-3-rank-5": {"WORLD_SIZE": "3", "RANK": "5"}, "world-abc": {"WORLD_SIZE": "abc"},
+                    "rank-missing": {"RANK": None}, "port-99999": {"MASTER_PORT": "99999"},
+                    "port-abc": {"MASTER_PORT": "abc"}, "addr-missing": {"MASTER_ADDR": None},
+                    "local-rank-9": {"LOCAL_RANK": "9"}, "world-0": {"WORLD_SIZE": "0"},
+                    "no-peers": {}, "rendezvous-abc": {"MOEBENCH_RENDEZVOUS_S": "abc"}}.items():
+    for _kind, _doc in (("plain", SMALL), ("parallel-ep4", {**PARALLEL, "parallel": {**PARALLEL["parallel"], "ep": 4}})):
+        @ext(f"torchrun.{_name}.{_kind}")
+        def _(d, env=_env, doc=_doc, kind=_kind):
+            return ["run", str(_suite_file(d, f"torchrun-{kind}", doc)), "--results", str(d / "ext-results"),
+                    "--no-report"], {**TORCHRUN_GOOD, **env}
+
+for _var, _value in (("NUMBA_NUM_THREADS", "100000"), ("NUMBA_NUM_THREADS", "abc"), ("OMP_NUM_THREADS", "100000"),
+                     ("OMP_NUM_THREADS", "0")):
+    @ext(f"env.{_var}={_value}")
+    def _(d, var=_var, value=_value):
+        return ["run", str(_suite_file(d, "threads", SMALL)), "--results", str(d / "ext-results"), "--no-report"], \
+            {var: value}
+
+
+# inputs #23 leaves to other work (helper H2: regular files only, size limits per line and
+# file): an outcome other than "refused"/"completed" here is expected until that lands
+KNOWN_OPEN = {f"runs.{w}.{c}": "run-folder readers: FIFOs, /dev/zero, huge lines (#23 item 6, helper H2)"
+              for w in ("rows-fifo", "meta-fifo", "rows-dev-zero", "rows-huge") for c in RUN_COMMANDS}
+KNOWN_OPEN["trace.megatron-fifo"] = "a FIFO trace file (#23 item 6, helper H2)"
+
+
+def run_probe(argv: list[str], env: dict, cwd: Path, root: Path = ROOT, timeout: float = EXT_TIMEOUT_S) -> dict:
+    """One input through `python -m moebench` from ``root``: {outcome, code, err, seconds}."""
+    full = {k: v for k, v in os.environ.items()
+            if not k.startswith(("TORCHELASTIC", "MOEBENCH")) and k not in TORCHRUN_GOOD}
+    full["PYTHONPATH"] = str(root)
+    for k, v in env.items():
+        if v is None:
+            full.pop(k, None)
+        else:
+            full[k] = v
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "moebench", *argv], cwd=cwd, env=full, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        return {"outcome": "hang", "code": None, "err": "", "seconds": time.perf_counter() - start}
+    seconds = time.perf_counter() - start
+    err_text = err.decode(errors="replace")
+    lines = [line for line in err_text.splitlines() if line.strip()]
+    errors = [line for line in lines if not line.startswith("moebench: warning:") and "%|" not in line]
+    if "Traceback" in err_text:
+        outcome = "traceback"
+    elif proc.returncode < 0 or proc.returncode > 128:
+        outcome = "signal"
+    elif "unexpected" in err_text:
+        outcome = "backstop"
+    elif proc.returncode == 2 and len(errors) == 1:
+        outcome = "refused"
+    elif proc.returncode in (0, 1):
+        outcome = "completed"
+    else:
+        outcome = "messy"
+    return {"outcome": outcome, "code": proc.returncode, "err": err_text[-600:], "seconds": seconds}
+
+
+def run_extended(root: Path, workdir: Path, workers: int = 3) -> dict[str, dict]:
+    """Every EXTENDED input against the moebench tree at ``root``: {id: run_probe result}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = []
+    for pid, make in EXTENDED:
+        argv, env = make(workdir)
+        jobs.append((pid, argv, env))
+    with ThreadPoolExecutor(workers) as pool:
+        results = pool.map(lambda job: (job[0], {**run_probe(job[1], job[2], workdir, root), "argv": job[1]}), jobs)
+        return dict(results)
+
+
+def summary(results: dict[str, dict]) -> str:
+    import statistics
+    from collections import Counter
+
+    counts = Counter(r["outcome"] for r in results.values())
+    lines = [f"{len(results)} inputs: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))]
+    for cmd in ("validate", "run"):
+        times = [r["seconds"] for r in results.values() if r["outcome"] == "refused" and r["argv"][0] == cmd]
+        if times:
+            lines.append(f"median refusal of `{cmd}`: {statistics.median(times):.2f} s over {len(times)} inputs")
+    lines.append(f"load average: {os.getloadavg()[0]:.1f} (indicative only)")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def extended(tmp_path_factory) -> dict[str, dict]:
+    return run_extended(ROOT, tmp_path_factory.mktemp("extended"))
+
+
+def test_the_extended_corpus_is_big_enough():
+    assert len(EXTENDED) >= 150
+    assert len({pid for pid, _ in EXTENDED}) == len(EXTENDED)
+
+
+@pytest.mark.parametrize("pid", [pid for pid, _ in EXTENDED])
+def test_extended_input_is_refused_in_one_line_or_runs(pid, extended, request):
+    result = extended[pid]
+    if pid in KNOWN_OPEN and result["outcome"] not in ("refused", "completed"):
+        pytest.xfail(f"{KNOWN_OPEN[pid]}: {result['outcome']}")
+    assert result["outcome"] in ("refused", "completed"), (result["outcome"], result["code"], result["err"])
+    assert SECRET not in result["err"]
+
+
+def test_extended_corpus_summary(extended, capsys):
+    with capsys.disabled():
+        print("\n" + summary(extended))
+
+
+# one input per item of #23 with its exact message
+
+def test_numba_thread_count_is_checked_before_numba_starts(tmp_path):
+    result = run_probe(["run", str(_suite_file(tmp_path, "threads", SMALL)), "--results", str(tmp_path / "r")],
+                       {"NUMBA_NUM_THREADS": "100000"}, tmp_path)
+    assert result["outcome"] == "refused" and "NUMBA_NUM_THREADS='100000': expected a whole number" in result["err"]
+    assert not (tmp_path / "r").exists()  # no run folder left `running`
+
+
+def test_a_megatron_rank_field_cannot_name_a_file_outside_the_trace(tmp_path):
+    from moebench.kinds.traces.megatron import read_megatron
+
+    secret = tmp_path / "x.bin"
+    secret.write_bytes(b"\0" * 16)
+    folder = _megatron(tmp_path, "escape", {"rank": "/../../../" + str(secret.with_suffix("")), "logit_offset": 0,
+                                            "logit_bytes": 16, "logit_shape": [2, 4]})
+    with pytest.raises(Exception, match=r"line 1: rank is .*expected 0 \(the file's rank\)"):
+        read_megatron(folder)
+
+
+@pytest.mark.parametrize("block, key, value, expected", [
+    ("train", "lr", 1e300, "train.lr: expected a number <= 100"),
+    ("parallel", "timeout_s", 1e308, "parallel.timeout_s: expected a number <= 86400"),
+    ("parallel", "timeout_s", 1e-9, "parallel.timeout_s: expected a number >= 1"),
+    ("parallel", "redundant_experts", 10**12, "parallel.redundant_experts: expected an integer <= 4096"),
+    ("parallel", "ffn_hidden", 10**9, "parallel.ffn_hidden: expected an integer <= 262144"),
+    ("model", "wire_hidden", 2**70, "parallel.wire_hidden: expected an integer <= 1048576"),
+    ("model", "dispatch_bytes", 2**70, "parallel.dispatch_bytes: expected an integer <= 16"),
+])
+def test_numbers_have_ranges(tmp_path, capsys, block, key, value, expected):
+    doc = json.loads(json.dumps({"train": TRAIN, "parallel": PARALLEL, "model": MODEL}[block]))
+    doc["train" if block == "train" else "parallel"][key] = value
+    path = tmp_path / "s.yaml"
+    path.write_text(dump(doc))
+    code, _, err, _ = cli(["validate", str(path)], capsys)
+    assert code == 2 and expected in err and len(err.splitlines()) == 1, err
+
+
+if __name__ == "__main__":  # counts and refusal times for the tree at argv[1] (default: this one)
+    import tempfile
+
+    tree = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else ROOT
+    with tempfile.TemporaryDirectory() as work:
+        found = run_extended(tree, Path(work))
+    bad = {pid: r for pid, r in found.items() if r["outcome"] not in ("refused", "completed")}
+    for pid, r in sorted(bad.items()):
+        print(f"{r['outcome']:9} {pid}: {' '.join(r['err'].split())[:200]}")
+    print(summary(found))

@@ -119,3 +119,37 @@ def thread_settings(environ=None) -> dict:
         "numba_num_threads": env.get("NUMBA_NUM_THREADS"),
         "set_by": set_by,
     }
+
+
+# Thread counts a user may set. numba starts NUMBA_NUM_THREADS native threads when its first
+# parallel kernel runs (100000 segfaulted, #23), libgomp OMP_NUM_THREADS: both are checked against
+# the machine before either loads, so a mistake is one line, not a crash mid-run.
+THREAD_COUNT_VARS = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")
+THREADS_PER_CPU = 8  # oversubscription beyond this is a typo, not a setting
+
+
+def max_threads() -> int:
+    """The largest thread count moebench accepts on this machine."""
+    return max(64, THREADS_PER_CPU * (os.cpu_count() or 1))
+
+
+def thread_count_problem(environ=None) -> str | None:
+    """One line saying which thread-count variable is wrong and what it must be, else None.
+    OMP_NUM_THREADS may be a comma list (nested levels): each entry is checked."""
+    env = os.environ if environ is None else environ
+    top = max_threads()
+    for var in THREAD_COUNT_VARS:
+        text = env.get(var)
+        if text is None or (var == "OMP_NUM_THREADS" and not text.strip()):
+            continue
+        parts = text.split(",") if var == "OMP_NUM_THREADS" else [text]
+        for part in parts:
+            try:
+                value = int(part.strip())
+            except ValueError:
+                value = None
+            if value is None or not 1 <= value <= top:
+                shown = text if len(text) <= 40 else text[:37] + "..."
+                return (f"{var}={shown!r}: expected a whole number of threads from 1 to {top} "
+                        f"(this machine has {os.cpu_count() or 1} CPUs)")
+    return None

@@ -87,19 +87,19 @@ def _rules():
         "mode": Rule("choice", choices=MODES, what="parallel mode"),
         "nodes": Rule("int", 1),
         "placement": Rule("choice", choices=PLACEMENTS, what="placement"),
-        "redundant_experts": Rule("int", 0),
+        "redundant_experts": Rule("int", 0, maximum=4096),  # ranges: #23
         "groups": Rule("int", 1, nullable=True, what="one group per node"),
         "eplb_policy": Rule("choice", choices=EPLB_POLICIES, what="EPLB policy"),
         "load_estimate": Rule("choice", choices=LOAD_ESTIMATES, what="load estimate"),
         "ema_alpha": Rule("number", 0, exclusive=True),
         "experts": Rule("choice", choices=EXPERTS, what="expert kind"),
-        "ffn_hidden": Rule("int", 1),
+        "ffn_hidden": Rule("int", 1, maximum=1 << 18),
         "backend": Rule("choice", choices=BACKENDS, what="backend"),
-        "timeout_s": Rule("number", 0, exclusive=True),
+        "timeout_s": Rule("number", 1, maximum=86400),
         "profile": Rule("choice", choices=PROFILES, what="hardware profile"),
-        "dispatch_bytes": Rule("int", 1, nullable=True, what="the case dtype's size"),
-        "combine_bytes": Rule("int", 1, nullable=True, what="the case dtype's size"),
-        "wire_hidden": Rule("int", 1, nullable=True, what="the case's hidden size"),
+        "dispatch_bytes": Rule("int", 1, nullable=True, what="the case dtype's size", maximum=16),
+        "combine_bytes": Rule("int", 1, nullable=True, what="the case dtype's size", maximum=16),
+        "wire_hidden": Rule("int", 1, nullable=True, what="the case's hidden size", maximum=1 << 20),
     }
 
 

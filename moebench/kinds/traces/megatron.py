@@ -64,7 +64,10 @@ def _records(rank: int, path: Path) -> list[dict]:
                 raise TraceError(path, f"line {lineno}: 'top_indices' rows have different lengths {sorted(widths)}")
             if "num_tokens" in rec and rec["num_tokens"] != len(idx):
                 raise TraceError(path, f"line {lineno}: num_tokens={rec['num_tokens']} but top_indices has {len(idx)} rows")
-            rec["_line"], rec["_rank"], rec["_file"] = lineno, rec.get("rank", rank), path
+            own = rec.get("rank", rank)  # it names logits_rank{R}.bin: only this file's rank (#23)
+            if isinstance(own, bool) or own != rank:
+                raise TraceError(path, f"line {lineno}: rank is {str(own)[:40]!r}, expected {rank} (the file's rank)")
+            rec["_line"], rec["_rank"], rec["_file"] = lineno, rank, path
             if idx:  # a step with no tokens on this rank adds nothing
                 records.append(rec)
     return records
