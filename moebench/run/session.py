@@ -129,8 +129,8 @@ def open_run(suite: Suite, options: RunOptions, cases: list[Case]) -> RunDir:
             previous = str(meta.get("status") or "unknown")
             # we hold the lock, so no other process is writing: a 'running' here is a dead run
             if previous == "running":
-                log.warning("%s: its writer (%s) ended without recording it (killed?); resuming an interrupted run",
-                            run.path, describe(meta.get("process")))
+                log.warning("%s: its writer (%s) ended without recording how (killed, or the disk was full or "
+                            "read-only?); resuming an interrupted run", run.path, describe(meta.get("process")))
             run.update_meta(
                 status="running", resumed_at=utc_now(), previous_status="interrupted" if previous == "running" else previous,
                 repairs=list(meta.get("repairs") or []) + repairs, process=process_identity(), heartbeat_at=utc_now(),
