@@ -578,3 +578,13 @@ def test_base_refuses_k2_and_a_k2_trace_replay_reads_no_uninitialised_memory():
     out = replay_layer(dict(header, top_k=1), logits)
     assert out.shape == (37, 1) and int(out.min()) >= 0 and int(out.max()) < 8
     assert sorted(torch.bincount(out[:, 0], minlength=8).tolist()) == [4] * 3 + [5] * 5  # balanced
+
+
+@pytest.mark.parametrize("t,e,k", [(1000, 8, 2), (4096, 64, 2), (333, 16, 1)])
+def test_expert_choice_equals_topk_of_the_column_view_with_ties(t, e, k):
+    # the route ranks a contiguous [E, T] copy: torch.topk must give the same order among ties
+    logits = torch.randint(0, 3, (t, e), generator=torch.Generator().manual_seed(t)).float()
+    r = create_router("expert_choice").route(RouteInputs(logits), RouteContext(top_k=k, capacity=None))
+    c = r.capacity
+    want = torch.topk(torch.softmax(logits, -1).t(), c, dim=1)
+    assert torch.equal(r.token_index, want.indices.reshape(-1)) and torch.equal(r.weight, want.values.reshape(-1))

@@ -37,7 +37,11 @@ class ExpertChoice(Router):
         t, e = logits.shape
         probs = torch.softmax(logits, dim=-1)
         c = ctx.capacity if ctx.capacity is not None else min(t, math.ceil(ctx.top_k * t / e))
-        top = torch.topk(probs.t(), c, dim=1)  # [E, C]: each expert's chosen tokens
+        # [E, C]: each expert's chosen tokens. On CPU from a contiguous [E, T] copy: topk reads
+        # each expert's column as a row, and a strided column read pulls a cache line per token
+        # (E times the data at large T); the copy reads probs once. Same values, same order.
+        pt = probs.t().contiguous() if probs.device.type == "cpu" else probs.t()
+        top = torch.topk(pt, c, dim=1)
         device = logits.device
         return Routing(
             token_index=top.indices.reshape(-1),
