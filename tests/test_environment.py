@@ -2,7 +2,8 @@
 
 import json
 
-from moebench.run.machine import capture_environment, machine_summary
+from moebench.run.machine import capture_environment
+from moebench.store.environment import machine_summary
 
 KEYS = {
     "python", "platform", "hostname", "cpu_model", "logical_cores", "cpu_affinity",

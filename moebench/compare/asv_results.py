@@ -34,6 +34,7 @@ from pathlib import Path
 from moebench.core.errors import MoebenchError
 from moebench.core.metrics import PHASES, metric
 from moebench.core.paths import write_output
+from moebench.store.environment import environment, git as git_of
 
 RESULT_COLUMNS = ["result", "params", "version", "started_at", "duration", "stats_ci_99_a", "stats_ci_99_b",
                   "stats_q_25", "stats_q_75", "stats_number", "stats_repeat"]
@@ -45,10 +46,6 @@ _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 def _num(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf") \
         else None
-
-
-def _obj(value) -> dict:
-    return value if isinstance(value, dict) else {}
 
 
 def _benchmark_columns(rows: list[dict]) -> dict[str, tuple[str, str, str]]:
@@ -86,7 +83,7 @@ def _commit_date_ms(commit: str, meta: dict) -> int:
 
 
 def _machine(meta: dict, name: str | None) -> dict:
-    env = _obj(meta.get("environment"))
+    env = environment(meta)
     machine = name or str(env.get("hostname") or "unknown")
     arch = re.search(r"x86_64|aarch64|arm64|ppc64le|s390x|i686", str(env.get("platform") or ""))
     return {"machine": _SAFE.sub("-", machine), "arch": arch.group(0) if arch else "", "cpu": str(env.get("cpu_model") or ""),
@@ -94,14 +91,13 @@ def _machine(meta: dict, name: str | None) -> dict:
 
 
 def _env_name(meta: dict) -> str:
-    env = _obj(meta.get("environment"))
+    env = environment(meta)
     return _SAFE.sub("-", f"moebench-py{env.get('python', '?')}-torch{env.get('torch', '?')}")
 
 
 def run_results(meta: dict, rows: list[dict], machine: str | None = None) -> tuple[dict, dict, dict, str]:
     """(benchmarks, machine.json, results document, its path under results_dir) of one run."""
-    git = _obj(_obj(meta.get("environment")).get("git"))
-    commit = git.get("commit")
+    commit = git_of(meta)["commit"]
     if not isinstance(commit, str) or not re.fullmatch(r"[0-9a-f]{7,40}", commit):
         raise MoebenchError(f"meta.json: environment.git.commit: expected the run's git commit, got {commit!r} "
                             "(asv files results by commit)")
@@ -111,7 +107,7 @@ def run_results(meta: dict, rows: list[dict], machine: str | None = None) -> tup
     params = [[repr(c) for c in cases], [repr(r) for r in routers]]
     cell = {(str(r["case_id"]), str(r["router"])): r for r in rows}
     mach = _machine(meta, machine)
-    env = _obj(meta.get("environment"))
+    env = environment(meta)
     benchmarks, results = {}, {}
     for suffix, (column, kind, unit) in _benchmark_columns(rows).items():
         name = f"{suite}.{suffix}"

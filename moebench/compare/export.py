@@ -25,6 +25,7 @@ from moebench.core.case import case_axes
 from moebench.core.errors import MoebenchError
 from moebench.core.metrics import METRICS, PHASES, metric
 from moebench.core.paths import write_output
+from moebench.store.environment import cuda as cuda_of, environment, gpu_names, git as git_of, obj
 from moebench.store.reader import sorted_ok
 from moebench.compare.sides import load_side
 
@@ -52,7 +53,7 @@ def baseline(meta: dict, rows: list[dict], with_timings: bool = False) -> dict:
     if with_timings:
         return {"format": BASELINE_FORMAT, "meta": {**meta, "timings_included": True}, "rows": ok}
     kept = {k: meta[k] for k in BASELINE_META if k in meta}
-    env = meta.get("environment") if isinstance(meta.get("environment"), dict) else {}
+    env = environment(meta)
     kept["environment"] = {k: env[k] for k in ("moebench", "torch", "numpy", "python") if k in env}
     kept["timings_included"] = False
     return {"format": BASELINE_FORMAT, "meta": kept,
@@ -93,14 +94,9 @@ def pytest_benchmark_stats(row: dict, phase: str) -> dict | None:
     }
 
 
-def _obj(value) -> dict:
-    """``value`` if it is a JSON object, else {} (a meta.json edited by hand or by a tool)."""
-    return value if isinstance(value, dict) else {}
-
-
 def _machine_info(meta: dict) -> dict:
-    env = _obj(meta.get("environment"))
-    cuda = _obj(env.get("cuda"))
+    env = environment(meta)
+    cuda = cuda_of(env)
     return {
         "node": env.get("hostname"),
         "processor": env.get("cpu_model"),
@@ -117,16 +113,16 @@ def _machine_info(meta: dict) -> dict:
             "platform": env.get("platform"), "torch": env.get("torch"),
             "torch_num_threads": env.get("torch_num_threads"), "cpu_affinity": env.get("cpu_affinity"),
             "cuda_version": cuda.get("version"),
-            "cuda_devices": [_obj(d).get("name") for d in cuda.get("devices") or [] if isinstance(cuda.get("devices"), list)],
+            "cuda_devices": gpu_names(env),
             "reference": meta.get("reference"),
         },
     }
 
 
 def _commit_info(meta: dict) -> dict:
-    git = _obj(_obj(meta.get("environment")).get("git"))
-    return {"id": git.get("commit") or "unknown", "time": None, "author_time": None,
-            "dirty": bool(git.get("dirty")), "project": "moebench", "branch": "(unknown)"}
+    git = git_of(meta)
+    return {"id": git["commit"] or "unknown", "time": None, "author_time": None,
+            "dirty": git["dirty"], "project": "moebench", "branch": "(unknown)"}
 
 
 def _extra_info(row: dict, phase: str) -> dict:
@@ -152,7 +148,7 @@ def pytest_benchmark(meta: dict, rows: list[dict]) -> dict:
     ``{"case_id", "router"}``; extra_info: the case axes, the phase's CI and tokens/s and every
     routing metric; options: the run's timing settings in pytest-benchmark's terms.
     """
-    timing = _obj(meta.get("timing"))
+    timing = obj(meta.get("timing"))
     devices = meta.get("devices") if isinstance(meta.get("devices"), list) else []
     options = {
         "disable_gc": False,

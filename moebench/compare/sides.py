@@ -11,6 +11,7 @@ from typing import Any
 
 from moebench.core.errors import MoebenchError
 from moebench.core.rows import ROW_KEY
+from moebench.store.environment import machine_identity, obj
 from moebench.store.reader import latest_rows, read_regular
 from moebench.store.runs import META, ROWS, RunDir
 
@@ -73,21 +74,9 @@ def num(x: Any) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-def _obj(value: Any) -> dict:
-    """``value`` if it is a JSON object, else {} (meta edited by hand or by another tool)."""
-    return value if isinstance(value, dict) else {}
-
-
-def _machine(meta: dict) -> tuple:
-    env = _obj(meta.get("environment"))
-    devices = _obj(env.get("cuda")).get("devices")
-    gpus = tuple(str(_obj(d).get("name")) for d in devices) if isinstance(devices, list) else ()
-    return str(env.get("cpu_model")), str(env.get("hostname")), gpus
-
-
 def reference(meta: dict, device: str | None = None) -> dict | None:
     """The reference kernel time for ``device`` (meta "reference_by_device"), else the run's."""
-    by_device = _obj(meta.get("reference_by_device"))
+    by_device = obj(meta.get("reference_by_device"))
     ref = by_device.get(device) if isinstance(device, str) and device in by_device else meta.get("reference")
     ok = isinstance(ref, dict) and (num(ref.get("median_ms")) or 0) > 0
     return ref if ok else None
@@ -98,7 +87,7 @@ def resolve_mode(mode: str, meta_a: dict, meta_b: dict, notes: list[str]) -> str
         raise MoebenchError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
     ref_a, ref_b = reference(meta_a), reference(meta_b)
     same_kernel = bool(ref_a and ref_b and ref_a.get("kernel") == ref_b.get("kernel"))
-    differ = _machine(meta_a) != _machine(meta_b)
+    differ = machine_identity(meta_a) != machine_identity(meta_b)
     if mode == "relative" and not same_kernel:
         raise MoebenchError("--relative: both runs need a meta.json 'reference' time of the same kernel")
     if mode == "auto":

@@ -25,6 +25,7 @@ from moebench.report.summary import time_cell_marks
 from moebench.core.errors import MoebenchError
 from moebench.report.html import write_html
 from moebench.core.paths import folder_name_problem, inside
+from moebench.store.environment import environment, git as git_of
 from moebench.store.runs import RunDir, effective_status, load_run
 from moebench.core.scaling import scaling_table
 from moebench.report.route_pivot import side_by_side_table
@@ -147,16 +148,15 @@ def _machine(env: dict, threads: list) -> list[str]:
     ]
 
 
-def _git_text(meta: dict, env: dict) -> str:
-    git = env.get("git") if isinstance(env.get("git"), dict) else {}
-    commit = git.get("commit") or env.get("git_commit") or meta.get("git_commit")
-    if not commit:
+def _git_text(meta: dict) -> str:
+    git = git_of(meta)
+    if not git["commit"]:
         return "unknown (not run from a git checkout)"
-    return f"`{commit}`" + (" (with uncommitted changes)" if git.get("dirty") else "")
+    return f"`{git['commit']}`" + (" (with uncommitted changes)" if git["dirty"] else "")
 
 
 def _provenance_one(run: RunDir, meta: dict, rows: pd.DataFrame) -> list[str]:
-    env = meta.get("environment") if isinstance(meta.get("environment"), dict) else {}
+    env = environment(meta)
     run_id = meta.get("run_id", run.path.name)
     mine = rows[rows["run_id"] == run_id] if "run_id" in rows.columns else rows
     threads = sorted(mine["threads"].dropna().unique().tolist()) if "threads" in mine.columns else []
@@ -174,7 +174,7 @@ def _provenance_one(run: RunDir, meta: dict, rows: pd.DataFrame) -> list[str]:
         f"- status: {_STATUS_TEXT.get(status, status)} ({count})",
         f"- started {meta.get('started_at') or '?'}, ended {meta.get('ended_at') or 'never recorded'}"
         + (f", resumed {meta['resumed_at']}" if meta.get("resumed_at") else ""),
-        f"- moebench {meta.get('moebench_version') or env.get('moebench') or '?'}, git commit {_git_text(meta, env)}",
+        f"- moebench {meta.get('moebench_version') or env.get('moebench') or '?'}, git commit {_git_text(meta)}",
         f"- suite `{meta.get('suite', '?')}` version {meta.get('suite_version', '?')} from "
         f"`{meta.get('suite_path', '?')}` (sha256 `{str(meta.get('suite_sha256', '?'))[:12]}`)",
         "- quick mode: **yes** (smoke-run sizes and timing; not for comparison)" if meta.get("quick")

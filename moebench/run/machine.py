@@ -165,20 +165,3 @@ def numba_layer_in_use() -> str | None:
         return str(numba.threading_layer())
     except Exception:  # ValueError: no parallel kernel ran here
         return None
-
-
-def machine_summary(env: dict) -> str:
-    """One line for report headers, e.g. "Intel Xeon ... (2 cores), torch 2.13.0, no CUDA"."""
-    affinity = env.get("cpu_affinity")
-    cores = len(affinity) if affinity else env.get("logical_cores")
-    parts = [f"{env.get('cpu_model', 'unknown CPU')} ({cores} cores)",
-             f"torch {env.get('torch', '?')}"]
-    cuda = env.get("cuda") or {}
-    names = [d["name"] for d in cuda.get("devices", [])]
-    if names:
-        parts.append(f"{', '.join(names)} (CUDA {cuda.get('version')})")
-    elif cuda.get("available"):
-        parts.append(f"CUDA {cuda.get('version')}")
-    else:
-        parts.append("no CUDA")
-    return ", ".join(parts)

@@ -19,6 +19,7 @@ from pathlib import Path
 from moebench.core.case import Suite
 from moebench.core.errors import MoebenchError
 from moebench.core.paths import inside, under
+from moebench.store.environment import git as git_of
 from moebench.store.runs import RunDir, load_run, new_run_id, utc_now
 
 
@@ -65,9 +66,7 @@ def _shard_of(path: Path, meta: dict) -> tuple[int, int] | None:
 
 def code_identity(meta: dict) -> tuple[str, str]:
     """(moebench version, git commit or '?') of the code that made a run (from its meta.json)."""
-    env = meta.get("environment") if isinstance(meta.get("environment"), dict) else {}
-    git = env.get("git") if isinstance(env.get("git"), dict) else {}
-    return str(meta.get("moebench_version") or "?")[:40], str(git.get("commit") or "?")[:40]
+    return str(meta.get("moebench_version") or "?")[:40], str(git_of(meta)["commit"] or "?")[:40]
 
 
 def _suite_copy(run: RunDir) -> str:
