@@ -141,11 +141,13 @@ def test_html_is_self_contained(full_report):
 
 
 def test_plots_that_do_not_apply_are_absent(tmp_path):
-    # one capacity factor, one token count, no stream, no loads.jsonl: only the heatmap
+    # one capacity factor, one token count, no stream, no loads.jsonl: only the heatmap (and the
+    # summary's headline figure, which every report with ok rows has)
     run = make_run(tmp_path / "results", "20250102T000000Z-bbbb", cfs=(1.25,), tokens=(512,),
                    stream=False, loads=False)
     path = write_report([run], tmp_path / "reports")
-    assert [p.name for p in (path.parent / "plots").glob("*.png")] == ["imbalance_heatmap.png"]
+    assert sorted(p.name for p in (path.parent / "plots").glob("*.png")) == [
+        "headline_pareto.png", "imbalance_heatmap.png"]
     assert load_expert_loads([run]).empty
     assert "drop_rate_vs_capacity" not in path.read_text()
     # one router, one workload as well: nothing to plot, no Plots section

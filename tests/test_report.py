@@ -339,10 +339,10 @@ def test_phases_not_timed_section_and_throughput_cells(phase_run, tmp_path):
     for workload in ("uniform", "zipf"):
         s = speed[workload, "sinkhorn"]
         assert s["route.median_ms"] == s["route.iqr_ms"] == s["route.tokens_per_s"] == "skipped"
-        assert float(s["dispatch.median_ms"].strip("*")) > 0
+        assert float(s["dispatch.median_ms"].strip("*").removesuffix(" †")) > 0  # †: the fake rows have no CI
     assert speed["uniform", "topk"]["dispatch.median_ms"] == "error"
     assert speed["uniform", "topk"]["dispatch.tokens_per_s"] == "error"
-    assert float(speed["zipf", "topk"]["dispatch.median_ms"].strip("*")) > 0
+    assert float(speed["zipf", "topk"]["dispatch.median_ms"].strip("*").removesuffix(" †")) > 0
     csv = pd.read_csv(path.parent / "throughput.csv").set_index(["case", "router"])
     assert csv.loc[("uniform T=64 E=4 k=2 cf=1", "topk"), "dispatch.status"] == "error"
     assert math.isnan(csv.loc[("uniform T=64 E=4 k=2 cf=1", "topk"), "dispatch.median_ms"])

@@ -189,3 +189,23 @@ def test_legacy_matches_router_classes():
         cls = router_class(name)
         assert bool(getattr(cls, "baseline", False)) == declared["baseline"], name
         assert dict(getattr(cls, "case_notes", {})) == declared["case_notes"], name
+
+
+def test_table_cells_tie_dagger_and_baseline_never_bold():
+    from moebench.report.markdown import markdown_table
+    from moebench.report.summary import time_cell_marks
+
+    rows = frame(row("a", 1.0, 0.0, 1.00, width=0.02), row("b", 1.1, 0.0, 2.00, width=0.02),
+                 row("round_robin", 1.0, 0.0, 0.10, width=0.02),
+                 row("a", 1.0, 0.0, 1.00, width=0.10, case="c2"), row("b", 1.1, 0.0, 1.05, width=0.10, case="c2"),
+                 row("a", 1.0, 0.0, 1.00, width=0.20, case="c3"), row("b", 1.1, 0.0, 3.00, width=0.02, case="c3"))
+    table = rows[["case_id", "router", "route.median_ms", "imbalance", "run_id"]].copy()
+    table.insert(0, "case", table["case_id"])
+    marks, tied = time_cell_marks(table, rows, {"round_robin"})
+    assert marks["route.median_ms"].tolist() == [False, False, False, False, False, True, False]  # 40% wide
+    assert tied["route.median_ms"].tolist() == [False, False, False, True, True, False, False]  # c2 overlaps
+    md = markdown_table(table, references={"round_robin"}, marks=marks, tied=tied)
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()[2:]]
+    time = [c[2] for c in cells]  # route.median_ms, rows in table order
+    assert time == ["**1.000**", "2.000", "0.100", "1.000", "1.050", "1.000 †", "3.000"]
+    assert cells[2][1] == "round_robin (baseline)" and cells[2][3] == "1.000"  # balanced, never bold

@@ -53,8 +53,9 @@ figcaption { color: var(--muted); font-size: 0.9em; }
 td.unreliable { color: #8a5a00; }
 td.baseline, tr.baseline td { color: var(--muted); font-style: italic; }
 .summary.table-wrap { max-height: none; }
-.summary table { font-size: 0.84em; }
-figure.headline img { max-height: 380px; width: auto; }
+.summary table { font-size: 0.84em; width: 100%; }
+.summary td { white-space: normal; padding: 2px 7px; line-height: 1.25; }
+figure.headline img { max-height: 350px; width: auto; }
 h2#summary { margin-top: 0.6em; }
 """
 

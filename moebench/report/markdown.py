@@ -132,7 +132,8 @@ def escape(text: str) -> str:
 
 
 def markdown_table(table: pd.DataFrame, hide: Iterable[str] = KEY_TAIL, bold: bool = True,
-                   references: Iterable[str] = ()) -> str:
+                   references: Iterable[str] = (), marks: pd.DataFrame | None = None,
+                   tied: pd.DataFrame | None = None) -> str:
     """A GitHub Markdown table of ``table`` without the ``hide`` columns.
 
     The best value of each case is bolded (see :func:`best_mask`); a case label repeated on
@@ -146,6 +147,8 @@ def markdown_table(table: pd.DataFrame, hide: Iterable[str] = KEY_TAIL, bold: bo
     references = set(map(str, references))  # baselines: "(baseline)" after the name, never bold
     mask = (best_mask(table, references=references).reindex(index=table.index, fill_value=False) if bold
             else pd.DataFrame(False, index=table.index, columns=table.columns))
+    if tied is not None:  # overlapping intervals: a tie, never bold (report/summary.time_cell_marks)
+        mask = mask & ~tied.reindex_like(mask).fillna(False).astype(bool)
     numeric = {c: pd.api.types.is_numeric_dtype(table[c]) for c in shown}
     integer = {c: numeric[c] and _whole(table[c]) for c in shown}
     body = []
@@ -161,6 +164,8 @@ def markdown_table(table: pd.DataFrame, hide: Iterable[str] = KEY_TAIL, bold: bo
                 text, previous_case = ("" if text == previous_case else text), text
             elif c == "router" and text in references:
                 text += " (baseline)"
+            elif marks is not None and c in marks.columns and marks.at[idx, c] and text != "-":
+                text += " †"  # a time that cannot be trusted (CI missing or wide): never bold
             elif mask.at[idx, c]:
                 text = f"**{text}**"
             cells.append(escape(text))

@@ -328,3 +328,40 @@ def best_for(frame: pd.DataFrame, lens: Lens) -> BestFor:
     return BestFor(tuple(_lowest(dropless, lens.balance)["router"]), tuple(fewest["router"]),
                    tuple(fastest["router"]), bool(len(rows)) and len(dropless) == len(rows),
                    tuple(quality["router"]), tuple(overall["router"]))
+
+
+# ----------------------------------------------------------------------------- table cells
+
+def time_cell_marks(table: pd.DataFrame, rows: pd.DataFrame, baseline=frozenset()) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(unreliable, tied): booleans shaped like a per-row table (``run_id, case_id, router`` and
+    ``<phase>.median_ms`` columns, e.g. the throughput table), from the rows' CIs.
+
+    unreliable: the ``<phase>.median_ms`` cell's CI is missing or wider than
+    :data:`UNRELIABLE_SHARE` of it. tied: every time-derived cell of the phase
+    (``median_ms``, ``tokens_per_s``, ``x_memcopy``) in a case where the fastest non-baseline
+    router's CI overlaps another non-baseline router's: such a case has no best time."""
+    unreliable_mask = pd.DataFrame(False, index=table.index, columns=table.columns)
+    tied = unreliable_mask.copy()
+    keys = [k for k in ("run_id", "case_id", "router") if k in table.columns and k in rows.columns]
+    if table.empty or len(keys) < 3:
+        return unreliable_mask, tied
+    phases = [c[: -len(".median_ms")] for c in table.columns if c.endswith(".median_ms")]
+    cis = [f"{p}.{b}_ms" for p in phases for b in ("ci_low", "ci_high") if f"{p}.{b}_ms" in rows.columns]
+    merged = table[keys].merge(rows[keys + cis].drop_duplicates(keys, keep="last"), on=keys, how="left")
+    merged.index = table.index
+    for phase in phases:
+        med = pd.to_numeric(table[f"{phase}.median_ms"], errors="coerce")
+        low, high = _num(merged, f"{phase}.ci_low_ms"), _num(merged, f"{phase}.ci_high_ms")
+        unreliable_mask[f"{phase}.median_ms"] = [bool(not math.isnan(m) and unreliable(m, lo, hi))
+                                                 for m, lo, hi in zip(med, low, high)]
+        derived = [c for c in table.columns if c.startswith(f"{phase}.")
+                   and c.split(".", 1)[1] in ("median_ms", "tokens_per_s", "x_memcopy")]
+        ranked = ~table["router"].astype(str).isin(set(map(str, baseline)))
+        for _, idx in table[ranked & med.notna()].groupby(["run_id", "case_id"], sort=False).groups.items():
+            if len(idx) < 2:
+                continue
+            best = med.loc[idx].idxmin()
+            others = [i for i in idx if i != best]
+            if any(not (low[i] > high[best]) for i in others):  # an overlap (or a missing CI): a tie
+                tied.loc[idx, derived] = True
+    return unreliable_mask, tied

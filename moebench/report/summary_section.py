@@ -148,7 +148,8 @@ def best_table(summary: pd.DataFrame, lens: Lens) -> str:
                  else _names(part, best.fewest_drops, lens.drops)]
         if lens.time:
             cells.append(_names(part, best.fastest_at_equal_drops, "time_ratio"))
-            cells.append(_fastest(part, best.fastest, lens))
+            cells.append("the same" if best.fastest == best.fastest_at_equal_drops and best.fastest
+                         else _fastest(part, best.fastest, lens))
         if lens.quality:
             cells.append(_names(part, best.best_quality, lens.quality))
         front = part[part["pareto"]]["router"]
@@ -209,11 +210,11 @@ def summary_markdown(rows: pd.DataFrame, metas: list[dict], out_dir: Path, plot_
         return None
     lens = lens_for(rows[rows["status"] == "ok"] if "status" in rows.columns else rows)
     front = ", ".join(t.replace("_ratio", "").replace("_", " ") for t in objectives(lens))
-    body = ["## Summary", ""] + load_lines(metas)  # one paragraph with the next line
-    body += [f"Which router for which traffic, per scenario (workload × capacity regime, over its "
-             f"cases), among the non-baseline routers that ran every case; ties (overlapping "
-             f"intervals, equal exact values) are listed together. Pareto front over {front}.", "",
-             "<!-- class: summary -->", best_table(summary, lens), ""]
+    body = ["## Summary", ""] + load_lines(metas) + [""]
+    body += ["<!-- class: summary -->", best_table(summary, lens), ""]
+    how = [f"Which router for which traffic, per scenario (workload × capacity regime, over its "
+           f"cases), among the non-baseline routers that ran every case; ties (overlapping "
+           f"intervals, equal exact values) are listed together. Pareto front over {front}.", ""]
     from moebench.report.headline import plot_headline  # matplotlib only when a report draws
 
     figure = plot_headline(summary, lens, out_dir / plot_dir)
@@ -223,6 +224,7 @@ def summary_markdown(rows: pd.DataFrame, metas: list[dict], out_dir: Path, plot_
                  f"![Headline: {lens.drops.replace('_', ' ')} against time, coloured by {lens.balance}]({rel})", "",
                  "Each point is a router's scenario: bold labels are on the Pareto front, hollow "
                  "squares are baselines (references, never best); bars are 95% intervals.", ""]
+    body += how  # after the figure: the first screen shows the table and the figure
     body += ["### Routers per scenario", "", "<!-- class: summary -->", router_table(summary, lens), ""]
     legend = [f"Times are ratios to the fastest non-baseline router of each case (geometric mean "
               f"over the scenario's cases); `[low, high]` is a 95% interval; {DAGGER} marks a time "
