@@ -18,7 +18,7 @@ from moebench.core.errors import UnknownNameError
 PriorityFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator | None], torch.Tensor]
 
 
-def _rank(values: torch.Tensor) -> torch.Tensor:
+def stable_rank(values: torch.Tensor) -> torch.Tensor:
     """<int64>[N]: position of each value in a stable ascending sort (ties keep input order)."""
     order = torch.sort(values, stable=True).indices
     ranks = torch.empty_like(order)
@@ -34,7 +34,7 @@ def position_priority(expert, scores, generator=None):
 
 def probs_priority(expert, scores, generator=None):
     """Megatron-Core `probs`: highest score first within each expert (ties: position order)."""
-    return _rank(-scores.float().reshape(-1)).view_as(expert)
+    return stable_rank(-scores.float().reshape(-1)).view_as(expert)
 
 
 def bpr_priority(expert, scores, generator=None):
@@ -44,7 +44,7 @@ def bpr_priority(expert, scores, generator=None):
     (before renormalisation) repeated over the k choices, so the max here is that (RANKED_BY).
     """
     k, t = expert.shape
-    token_order = _rank(-scores.float().max(dim=0).values)  # [T]
+    token_order = stable_rank(-scores.float().max(dim=0).values)  # [T]
     return (torch.arange(k, device=expert.device)[:, None] * t + token_order[None, :])
 
 

@@ -19,6 +19,7 @@ from moebench.core import kinds
 from moebench.core.errors import MoebenchError
 from moebench.core.kinds import Direction, Metric  # noqa: F401  (Metric and Direction are read from here)
 from moebench.core.routing import Routing
+from moebench.core.rows import PHASES  # noqa: F401 (read from here by most callers)
 
 
 _ROUTING_METRICS = [
@@ -64,7 +65,6 @@ _PHASE_FIELDS = [
            "median / median of a clone of the phase's input in the same case (logits for route, hidden for dispatch/combine)"),
 ]
 
-PHASES = ("route", "dispatch", "combine")
 
 ROUTING_METRICS: dict[str, Metric] = {m.name: m for m in _ROUTING_METRICS}
 PHASE_METRICS: dict[str, Metric] = {

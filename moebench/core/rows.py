@@ -1,6 +1,7 @@
 """What every stage knows about a result row: its key, its statuses and which rows count.
 
-A row (one line of rows.jsonl) is one router measured on one case; ``ROW_KEY`` names it.
+A row (one line of rows.jsonl) is one router measured on one case; ``ROW_KEY`` names it, and
+``PHASES`` are its timed phases (defined here, torch-free, so the pytest plugin can read them).
 Only ``ok`` rows hold measurements: tables, fits, comparisons and exports read those
 (:func:`ok_only`); ``skipped`` and ``error`` rows carry a ``reason`` instead. Reading rows from
 disk (de-duplication included) is :mod:`moebench.store.reader`; this module is pure, so that
@@ -12,6 +13,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 ROW_KEY = ("case_id", "router")  # one row per key; a repeated key is a resumed or joined run
+PHASES = ("route", "dispatch", "combine")  # the timed phases: a row's "<phase>.<stat>" columns
 OK, SKIPPED, ERROR = "ok", "skipped", "error"
 STATUSES = (OK, SKIPPED, ERROR)
 

@@ -35,7 +35,7 @@ import torch
 
 from moebench.core.capacity import CapacitySpec, expert_capacity
 from moebench.core.case import TimingSpec
-from moebench.core.drop_policies import _rank, keep_within_capacity
+from moebench.core.drop_policies import keep_within_capacity, stable_rank
 from moebench.core.errors import MoebenchError
 from moebench.peers.base import PeerSkip, library_problem
 from moebench.routers.base import RouteContext, RouteInputs
@@ -63,9 +63,9 @@ def replay_priority(routing: Routing, convention: str) -> torch.Tensor | None:
     """<int64>[A]: the priority the convention gives the routing's assignments, or None."""
     a = routing.expert_index.numel()
     if convention == "weight":
-        return _rank(-routing.weight.float())
+        return stable_rank(-routing.weight.float())
     if convention == "raw_prob":
-        return _rank(-routing.probs[routing.token_index, routing.expert_index].float())
+        return stable_rank(-routing.probs[routing.token_index, routing.expert_index].float())
     if convention == "token_order":
         return routing.token_index * routing.top_k + routing.choice
     if convention == "choice_major":

@@ -7,6 +7,7 @@ global state); seaborn supplies the theme and the palettes.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,6 +122,12 @@ def legend_outside(fig: Figure, entries: list, variants: list, style: Style) -> 
     fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 0.95), frameon=False,
                title="router",
                fontsize="small", title_fontsize="small")
+
+
+def slug(text: str, limit: int = 80) -> str:
+    """A file-name-safe form of a label for a figure's name: letters, digits, ``.``, ``_`` and
+    ``-`` kept, every other run of characters one ``-``; at most ``limit`` characters."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-")[:limit].rstrip("-") or "case"
 
 
 def save(fig: Figure, path: Path) -> Path:

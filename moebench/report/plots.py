@@ -14,7 +14,6 @@ is the device, plus the run where the device alone does not identify it.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import seaborn as sns
 from matplotlib.ticker import FuncFormatter
 
 from moebench.report.plot_style import (
-    VARIANT, Style, draw_lines, legend_outside, new_figure, plain_log_axis, save, theme,
+    VARIANT, Style, draw_lines, legend_outside, new_figure, plain_log_axis, save, slug, theme,
 )
 from moebench.core.metrics import PHASES
 from moebench.core.rows import ok_only
@@ -48,11 +47,6 @@ def _ok(rows: pd.DataFrame) -> pd.DataFrame:
     if rows is None or rows.empty:
         return pd.DataFrame()
     return ok_only(rows).copy()
-
-
-def _slug(text: str, limit: int = 60) -> str:
-    """A file-name-safe form of a case label (letters, digits, dots and dashes)."""
-    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:limit].rstrip("-") or "case"
 
 
 def _run_labels(run_ids) -> dict[str, str]:
@@ -138,7 +132,7 @@ def plot_expert_loads(rows: pd.DataFrame, loads: pd.DataFrame, out_dir: Path,
             if experts <= 16:
                 ax.set_xticks(range(experts))
             legend_outside(fig, entries, variants, style)
-            path = save(fig, out_dir / f"loads_{i + 1}_{_slug(case)}.png")
+            path = save(fig, out_dir / f"loads_{i + 1}_{slug(case, 60)}.png")
         out.append(Plot(path, f"Per-expert load: {case}",
                         "Loads after capacity on the first batch, sorted descending and divided by "
                         "the router's mean load (dotted: perfectly even; a line's first point is "
@@ -270,7 +264,7 @@ def plot_streams(rows: pd.DataFrame, batches: pd.DataFrame, out_dir: Path,
                 ax.set_xticks(sorted(part["batch"].unique()))
             fig.suptitle(f"Stream: {case}", fontsize="medium")
             legend_outside(fig, entries, variants, style)
-            path = save(fig, out_dir / f"stream_{i + 1}_{_slug(case)}.png")
+            path = save(fig, out_dir / f"stream_{i + 1}_{slug(case, 60)}.png")
         out.append(Plot(path, f"Stream: {case}",
                         "Per-batch imbalance (dotted: perfect balance)"
                         + (" and drop rate" if len(metrics) > 1 else "")

@@ -17,12 +17,12 @@ from moebench.routers.registry import register
 from moebench.core.routing import Routing
 
 
-def _score(logits: torch.Tensor, kind: str) -> torch.Tensor:
+def affinities(logits: torch.Tensor, kind: str) -> torch.Tensor:
     """<float32>[T, E]: softmax or sigmoid affinities of fp32 logits."""
     return torch.softmax(logits, dim=-1) if kind == "softmax" else torch.sigmoid(logits)
 
 
-def _as_probs(scores: torch.Tensor, kind: str) -> torch.Tensor:
+def as_probs(scores: torch.Tensor, kind: str) -> torch.Tensor:
     """Row-normalised scores: what the load-balancing loss averages (sigmoid rows sum to 1)."""
     if kind == "softmax":
         return scores
@@ -58,12 +58,12 @@ class TopK(TokenChoiceRouter):
 
     def route(self, inputs: RouteInputs, ctx: RouteContext) -> Routing:
         logits = inputs.logits.float()
-        scores = _score(logits, self.score)
+        scores = affinities(logits, self.score)
         # softmax over the k chosen logits = the chosen probabilities over their sum (how HF
         # Mixtral computes it); one division instead of a second exp, fused into the selection
         normalizations = int(self.softmax_after_topk) + int(self.renormalize)
         if normalizations < 2 and self.route_scale == 1.0:  # decode sizes: one kernel call
-            fused = self.fused(scores, ctx.top_k, ctx, normalizations > 0, _as_probs(scores, self.score), logits)
+            fused = self.fused(scores, ctx.top_k, ctx, normalizations > 0, as_probs(scores, self.score), logits)
             if fused is not None:
                 return fused
         expert, weight = self.choose(scores, ctx.top_k, ctx, normalize=normalizations > 0)
@@ -71,7 +71,7 @@ class TopK(TokenChoiceRouter):
             weight = normalize_weights(weight)
         if self.route_scale != 1.0:
             weight = weight * self.route_scale
-        return self.finish(expert, weight, _as_probs(scores, self.score), logits, ctx, scores=scores)
+        return self.finish(expert, weight, as_probs(scores, self.score), logits, ctx, scores=scores)
 
 
 @register("switch")
@@ -233,4 +233,4 @@ class DeepSeek(TokenChoiceRouter):
             weight = normalize_weights(scores.gather(1, expert))
         if self.route_scale != 1.0:
             weight = weight * self.route_scale
-        return self.finish(expert, weight, _as_probs(scores, "sigmoid"), logits, ctx, scores=scores)
+        return self.finish(expert, weight, as_probs(scores, "sigmoid"), logits, ctx, scores=scores)

@@ -40,7 +40,8 @@ from typing import Any, Callable
 
 import pytest
 
-PHASE_NAMES = ("route", "dispatch", "combine")
+from moebench.core.rows import PHASES  # torch-free: the plugin stays cheap to load
+
 _THREAD_ENV_KEY = "moebench_thread_env"  # config.stash-like attribute: what pytest_configure decided
 
 
@@ -142,8 +143,8 @@ class PhaseFactory:
         from moebench.run.runner import ROUTER_STREAM, CaseRunner, cuda_available, phase_calls, quick_case, quick_timing
         from moebench.core.workloads import generator
 
-        if phase not in PHASE_NAMES:
-            pytest.fail(f"moebench_phase: phase {phase!r}: expected one of {', '.join(PHASE_NAMES)}", pytrace=False)
+        if phase not in PHASES:
+            pytest.fail(f"moebench_phase: phase {phase!r}: expected one of {', '.join(PHASES)}", pytrace=False)
         try:
             s = self._suite(suite)
             cases = [quick_case(c) if quick else c for c in s.cases]

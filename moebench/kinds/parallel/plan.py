@@ -75,11 +75,6 @@ def byte_matrix(plans: list[RankPlan], hidden: int, element_bytes: int) -> torch
     return row_matrix(plans) * (hidden * element_bytes)
 
 
-def slot_loads(plans: list[RankPlan]) -> torch.Tensor:
-    """<int64>[S]: rows each slot receives, over all source ranks (slot s = rank * L + local slot)."""
-    return torch.stack([p.slot_counts for p in plans]).sum(0).reshape(-1)
-
-
 def shard_bounds(tokens: int, ep: int, rank: int) -> tuple[int, int]:
     """[lo, hi): the global tokens of ``rank`` when ``tokens`` split evenly over ``ep`` ranks."""
     per = tokens // ep

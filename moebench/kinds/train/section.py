@@ -109,7 +109,7 @@ def plot_curves(steps: pd.DataFrame, rows: pd.DataFrame, out_dir: Path) -> list[
         figures.legend_outside(fig, entries, [None], style)
         title = str(frame["title"].iloc[0])
         fig.suptitle(title, fontsize="small")
-        path = figures.save(fig, out_dir / "plots" / f"train_curves_{_slug(group)}.png")
+        path = figures.save(fig, out_dir / "plots" / f"train_curves_{figures.slug(group)}.png")
         drawn.append((title, path))
     return drawn
 
@@ -154,13 +154,9 @@ def plot_heatmaps(steps: pd.DataFrame, rows: pd.DataFrame, out_dir: Path) -> lis
             ax.set_ylabel("group", fontsize="x-small")
         title = str(frame["title"].iloc[0])
         fig.suptitle(f"{title} (seed {first_seed})", fontsize="small")
-        path = figures.save(fig, out_dir / "plots" / f"train_specialisation_{_slug(group)}.png")
+        path = figures.save(fig, out_dir / "plots" / f"train_specialisation_{figures.slug(group)}.png")
         drawn.append((title, path))
     return drawn
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text))[:80]
 
 
 def training_section(data, out_dir: Path) -> str | None:

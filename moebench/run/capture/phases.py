@@ -15,8 +15,6 @@ from moebench.run.exec_modes import Phase, PhaseSkip
 from moebench.routers.base import RouteContext, RouteInputs, Router
 from moebench.core.routing import Routing
 
-PHASES = ("route", "dispatch", "combine")
-
 
 def phase_problem(router: Router, phase: str, ctx: RouteContext) -> str | None:
     """None if ``phase`` of ``router`` can be captured for ``ctx``, else why not."""

@@ -17,7 +17,7 @@ import torch
 from moebench.run.capture.select import CAPTURABLE_POLICIES, choose_static, finish_static, top_k_static
 from moebench.routers.base import RouteContext, RouteInputs, Router, TokenChoiceRouter, normalize_weights, uniform_probs
 from moebench.routers.baselines import RandomRouter, RoundRobin
-from moebench.routers.token_choice import DeepSeek, NoisyTopK, Switch, TopK, _as_probs, _score
+from moebench.routers.token_choice import DeepSeek, NoisyTopK, Switch, TopK, affinities, as_probs
 from moebench.core.routing import Routing
 
 RouteFn = Callable[[Router, RouteInputs, RouteContext], Routing]
@@ -34,14 +34,14 @@ def _capture_form(cls: type) -> Callable[[RouteFn], RouteFn]:
 @_capture_form(TopK)
 def route_topk(router: TopK, inputs: RouteInputs, ctx: RouteContext) -> Routing:
     logits = inputs.logits.float()
-    scores = _score(logits, router.score)
+    scores = affinities(logits, router.score)
     normalizations = int(router.softmax_after_topk) + int(router.renormalize)
     expert, weight = choose_static(router, scores, ctx.top_k, ctx, normalize=normalizations > 0)
     if normalizations == 2:
         weight = normalize_weights(weight)
     if router.route_scale != 1.0:
         weight = weight * router.route_scale
-    return finish_static(router, expert, weight, _as_probs(scores, router.score), logits, ctx, scores)
+    return finish_static(router, expert, weight, as_probs(scores, router.score), logits, ctx, scores)
 
 
 @_capture_form(Switch)
@@ -70,7 +70,7 @@ def route_deepseek(router: DeepSeek, inputs: RouteInputs, ctx: RouteContext) -> 
         weight = normalize_weights(scores.gather(1, expert))
     if router.route_scale != 1.0:
         weight = weight * router.route_scale
-    return finish_static(router, expert, weight, _as_probs(scores, "sigmoid"), logits, ctx, scores)
+    return finish_static(router, expert, weight, as_probs(scores, "sigmoid"), logits, ctx, scores)
 
 
 @_capture_form(NoisyTopK)
