@@ -18,6 +18,8 @@ every fraction at once. Per trial and method:
 - ``ab``: `moebench ab --base A --head B` (default settings, interleaved); flagged when any of
   its router-phases is `slower`.
 - ``duet`` (with ``--methods ...,duet``): `moebench ab --mode duet`.
+- ``ab-min`` (with ``--methods ...,ab-min``): `moebench ab --block-stat min` (a block's fastest
+  call instead of its median: less noise from preempted calls).
 
 The Markdown table (``--out``; docs/ci.md shows it) has one row per method and fraction: the
 share of trials in which the slowed router was flagged (at 0% that is a false alarm), the
@@ -44,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "ab_plugin"
 FRACTIONS = (0.0, 0.02, 0.05, 0.10, 0.20)
 UNTOUCHED = ("topk", "switch")
-METHODS = ("compare", "ab", "duet")
+METHODS = ("compare", "ab", "duet", "ab-min")
 
 
 def label(fraction: float) -> str:
@@ -122,9 +124,9 @@ def trial_compare(trees: dict[str, Path], results: Path, quick: bool) -> tuple[d
 
 
 def trial_ab(repo: Path, a: str, b: str, results: Path, mode: str, budget: float | None,
-             quick: bool) -> tuple[dict, float]:
+             quick: bool, extra: tuple[str, ...] = ()) -> tuple[dict, float]:
     start = time.monotonic()
-    args = ["ab", "suite.yaml", "--base", a, "--head", b, "--results", str(results), "--mode", mode]
+    args = ["ab", "suite.yaml", "--base", a, "--head", b, "--results", str(results), "--mode", mode, *extra]
     args += (["--budget-s", str(budget)] if budget else []) + (["--quick"] if quick else [])
     done = moebench(*args, cwd=repo)
     if done.returncode not in (0, 1):
@@ -197,7 +199,8 @@ def main(argv=None) -> int:
                         flagged, wall = trial_compare(trees, out, args.quick)
                     else:
                         mode = "duet" if method == "duet" else "interleaved"
-                        flagged, wall = trial_ab(repo, a, b, out, mode, args.budget_s, args.quick)
+                        extra = ("--block-stat", "min") if method == "ab-min" else ()
+                        flagged, wall = trial_ab(repo, a, b, out, mode, args.budget_s, args.quick, extra)
                     r = results[method]
                     for f in fractions:
                         r["hits"][f].append(bool(flagged[label(f)]))

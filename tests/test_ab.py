@@ -173,10 +173,11 @@ def test_pr_recipe_end_to_end(scratch_repo, tmp_path):
     assert "moebench-ab-" not in _git(repo, "worktree", "list")
 
     _slow_down(repo, SLOWDOWN, "2")
-    slow = _ab(repo, results, "--base", "HEAD~1", "--budget-s", "150", "--fail-fast")
+    slow = _ab(repo, results, "--base", "HEAD~1", "--budget-s", "150", "--fail-fast", "--json", str(tmp_path / "ab.json"))
     assert slow.returncode == 1, slow.stdout + slow.stderr
     latest = sorted(results.glob("ab/abtest/*/ab.json"))[-1]
     doc = json.loads(latest.read_text())
+    assert json.loads((tmp_path / "ab.json").read_text()) == doc
     flagged = {(r["router"], r["phase"]) for r in doc["summary"] if r["verdict"] == "slower"}
     assert flagged == {("plugin", "route")}, slow.stdout
     assert "FAIL: 1 slower (plugin route" in slow.stdout

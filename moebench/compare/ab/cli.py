@@ -28,5 +28,6 @@ def add_parser(sub, fn) -> None:
     ab.add_argument("--threads", type=int, help="override the suite's timing.threads")
     ab.add_argument("--seed", type=int, help="seed of the block order (default: random)")
     ab.add_argument("--results", metavar="DIR", help="results root: DIR/ab/<suite>/<id>/{A,B,ab.json} (default results)")
+    ab.add_argument("--json", metavar="FILE", help="also write the whole result (ab.json) here")
     ab.add_argument("--details", action="store_true", help="also print every case's interval and all regressions")
     ab.set_defaults(fn=fn)

@@ -27,7 +27,7 @@ from moebench.compare.ab.protocol import LOAD_TIMEOUT_S, SideWorker, worker_env
 from moebench.compare.ab.sides import assert_distinct, close_side, open_side, repository, side_paths
 from moebench.compare.verdicts import compare_runs
 from moebench.core.errors import MoebenchError
-from moebench.core.paths import under
+from moebench.core.paths import output_problem, under, write_output
 from moebench.store.runs import new_run_id, utc_now
 
 STOPPED = {"settled": "every verdict settled", "budget": "budget spent", "regression": "stopped at the first slower"}
@@ -59,6 +59,7 @@ class ABOptions:
     details: bool = False
     block_stat: str = "median"
     fail_fast: bool = False
+    json: str | None = None  # also write ab.json's content here
     command: str = ""
 
 
@@ -93,6 +94,9 @@ def check_options(o: ABOptions) -> None:
                                    ("--budget-s", o.budget_s, 1.0, 1e6), ("--block-ms", o.block_ms, 0.01, 1e5)):
         if not (low <= value <= high):
             raise MoebenchError(f"ab: {flag} {value}: expected a number in [{low:g}, {high:g}]")
+    problem = output_problem(o.json) if o.json else None
+    if problem:
+        raise MoebenchError(f"ab: --json {o.json}: {problem}")
     if not Path(o.suite).is_file():
         raise MoebenchError(f"ab: {o.suite}: no such suite file")
 
@@ -143,10 +147,11 @@ def _run(o: ABOptions, out: TextIO, err: TextIO) -> int:
                 w.send({"op": "load", "suite": str(suite_path), "quick": o.quick, "device": o.device,
                         "threads": 1 if duet else o.threads, "run_id": run_id})
             loaded = [w.receive(LOAD_TIMEOUT_S, "load") for w in workers]
-            rng = random.Random(o.seed)
+            seed = o.seed if o.seed is not None else secrets.randbelow(2**31)  # recorded: a run can be replayed
+            rng = random.Random(seed)
             cells = make_cells(loaded[0]["cells"], loaded[1]["cells"], o.block_ms, rng)
             groups = make_groups(cells)
-            settings = Settings(o.mode, o.alpha, o.min_effect, o.block_ms, o.warmup, seed=o.seed,
+            settings = Settings(o.mode, o.alpha, o.min_effect, o.block_ms, o.warmup, seed=seed,
                                 block_stat=o.block_stat, fail_fast=o.fail_fast)
             driver = Driver((workers[0], workers[1]), groups, settings, cores,
                             progress=lambda text: print(text, file=err))
@@ -187,8 +192,10 @@ def _run(o: ABOptions, out: TextIO, err: TextIO) -> int:
               "started_at": started, "ended_at": utc_now(), "wall_s": wall, "budget_s": o.budget_s,
               "stopped_by": driver.stopped_by, "looks": driver.looks, "block_ms": driver.block_ms,
               "block_ms_asked": o.block_ms, "block_overhead_ms": driver.overhead_ms, "warmup": o.warmup,
-              "seed": o.seed, "command": o.command}
+              "seed": seed, "command": o.command}
     write_ab_json(folder / "ab.json", outcome, record)
+    if o.json:
+        write_output(o.json, (folder / "ab.json").read_text(encoding="utf-8"), "--json")
     header = [f"moebench ab {metas[1].get('suite')}: A = {sides[0].describe()}, B = {sides[1].describe()}; "
               f"{len(cells)} cells, {driver.rounds} pairs {o.mode}, {wall:.0f} s "
               f"({STOPPED[driver.stopped_by]})"]

@@ -184,6 +184,8 @@ class Driver:
         TARGET_LOOKS looks' worth of rounds (many cells, short budget): then shorter, down to
         MIN_BLOCK_MS, since more pairs of noisier blocks beat too few pairs for any interval."""
         cells = [c for g in self.groups for c in g.cells]
+        if time.monotonic() >= deadline:  # the set-up spent the budget: no pairs, nothing to size
+            return
         started = time.monotonic()
         work_ms = 0.0
         for cell in cells:

@@ -59,7 +59,7 @@ def reason(g: Group, o: Outcome) -> str:
     above = sum(1 for c in g.cells if c.pairs and _hl(c) > 0)
     spread = f"{above} of {n_cases} cases above 1"
     if iv is None or iv.n == 0:
-        return "not timed"
+        return "no pairs: the set-up spent the budget (--budget-s longer)"
     if not math.isfinite(iv.low):
         return f"{iv.n} pairs, too few for this look's level (needs >= {min_pairs(iv.alpha)}); {spread}"
     bound = {"slower": f"above {1 + o.min_effect:.3g}", "faster": f"below {1 - o.min_effect:.3g}",
