@@ -94,6 +94,12 @@ class Registry:
 
         return decorate
 
+    def replace(self, name: str, cls: type) -> None:
+        """Put ``cls`` under ``name``, replacing any class there: an isolated worker mirroring a
+        class the parent process registered by hand (``register`` refuses a second class)."""
+        cls.name = name
+        self._classes[name] = cls
+
     def classes(self) -> dict[str, type]:
         if not self._loaded:
             self._loaded = True
