@@ -222,8 +222,9 @@ def summary_markdown(rows: pd.DataFrame, metas: list[dict], out_dir: Path, plot_
         rel = figure.relative_to(out_dir).as_posix()
         body += ["<!-- class: headline -->",
                  f"![Headline: {lens.drops.replace('_', ' ')} against time, coloured by {lens.balance}]({rel})", "",
-                 "Each point is a router's scenario: bold labels are on the Pareto front, hollow "
-                 "squares are baselines (references, never best); bars are 95% intervals.", ""]
+                 "Each point is a router's scenario: black-edged points (bold labels) are on the "
+                 "Pareto front; baselines are hollow or faded (references, never best); bars are "
+                 "95% intervals.", ""]
     body += how  # after the figure: the first screen shows the table and the figure
     body += ["### Routers per scenario", "", "<!-- class: summary -->", router_table(summary, lens), ""]
     legend = [f"Times are ratios to the fastest non-baseline router of each case (geometric mean "
