@@ -451,6 +451,8 @@ def test_directionless_metrics_are_changed_never_a_regression(capsys):
     changed = {(g.metric, g.verdict) for g in c.summary() if g.verdict != "unchanged"}
     assert changed == {("router_confidence", "changed"), ("experts_per_token_mean", "changed")}
     assert all("no direction: not gated" in g.reason for g in c.summary() if g.verdict == "changed")
+    with pytest.raises(MoebenchError, match="router_confidence has no direction"):
+        parse_gate("router_confidence:0")
 
 
 def test_summary_is_first_sorted_by_severity_then_gated_metrics(capsys, tmp_path):

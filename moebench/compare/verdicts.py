@@ -188,8 +188,12 @@ def parse_gate(spec: str) -> Gate:
     name, sep, value = spec.rpartition(":")
     if not sep or not name:
         raise MoebenchError(f"--fail-on {spec!r}: expected METRIC:THRESHOLD, e.g. route.median_ms:10% or drop_rate:0")
-    if metric_of(name) is None:
+    found = metric_of(name)
+    if found is None:
         raise MoebenchError(f"--fail-on {spec!r}: unknown metric {name!r}{did_you_mean(name, list(all_metrics()))}")
+    if found.direction == "none":
+        raise MoebenchError(f"--fail-on {spec!r}: {name} has no direction (neither higher nor lower is better), "
+                            "so it cannot fail a comparison; it is reported as changed")
     return Gate(name, *parse_threshold(value, f"--fail-on {spec!r}"))
 
 
