@@ -427,6 +427,11 @@ flag_probe("flags.report.no-runs", "report")
 flag_probe("flags.validate.no-suites", "validate")
 
 
+# YAML 1.1 base-60 numbers (#23): `tokens: 1:04` was read as 64
+suite_text("yaml.sexagesimal-int", dump(GOOD).replace("tokens: 64", "tokens: 1:04"))
+suite_text("yaml.sexagesimal-float", with_field("timing", "min_time_s", 0).replace("min_time_s: 0", "min_time_s: 1:30.5"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Running the corpus
 
@@ -814,6 +819,29 @@ KNOWN_OPEN = {f"runs.{w}.{c}": "run-folder readers: FIFOs, /dev/zero, huge lines
 KNOWN_OPEN["trace.megatron-fifo"] = "a FIFO trace file (#23 item 6, helper H2)"
 
 
+# through `python -m moebench` (a signal, a hang or the start-up cost only shows there); the rest
+# runs in-process, a hang stopped by an alarm, which keeps the corpus to minutes on a busy machine
+SUBPROCESS_EXT = {"torchrun.no-peers.plain", "torchrun.world-3-rank-5.parallel-ep4", "torchrun.world-abc.plain",
+                  "env.NUMBA_NUM_THREADS=100000", "runs.rows-fifo.merge", "runs.rows-dev-zero.report",
+                  "trace.megatron-fifo", "suite.model-ok.run", "train.lr=1e+300.run", "merge.meta-shard-abc"}
+
+
+def _classify(code, err_text: str, command: str = "") -> str:
+    lines = [line for line in err_text.splitlines() if line.strip()]
+    errors = [line for line in lines if not line.startswith("moebench: warning:") and "%|" not in line]
+    if "Traceback" in err_text:
+        return "traceback"
+    if code is None or code < 0 or code > 128:
+        return "signal"
+    if "unexpected" in err_text:
+        return "backstop"
+    if code == 2 and len(errors) == 1:
+        return "refused"
+    if code in (0, 1) or (command == "compare" and code == 2 and not errors):  # compare's verdict
+        return "completed"
+    return "messy"
+
+
 def run_probe(argv: list[str], env: dict, cwd: Path, root: Path = ROOT, timeout: float = EXT_TIMEOUT_S) -> dict:
     """One input through `python -m moebench` from ``root``: {outcome, code, err, seconds}."""
     full = {k: v for k, v in os.environ.items()
@@ -833,36 +861,89 @@ def run_probe(argv: list[str], env: dict, cwd: Path, root: Path = ROOT, timeout:
         os.killpg(proc.pid, 9)
         proc.communicate()
         return {"outcome": "hang", "code": None, "err": "", "seconds": time.perf_counter() - start}
-    seconds = time.perf_counter() - start
     err_text = err.decode(errors="replace")
-    lines = [line for line in err_text.splitlines() if line.strip()]
-    errors = [line for line in lines if not line.startswith("moebench: warning:") and "%|" not in line]
-    if "Traceback" in err_text:
-        outcome = "traceback"
-    elif proc.returncode < 0 or proc.returncode > 128:
-        outcome = "signal"
-    elif "unexpected" in err_text:
-        outcome = "backstop"
-    elif proc.returncode == 2 and len(errors) == 1:
-        outcome = "refused"
-    elif proc.returncode in (0, 1):
-        outcome = "completed"
-    else:
-        outcome = "messy"
-    return {"outcome": outcome, "code": proc.returncode, "err": err_text[-600:], "seconds": seconds}
+    return {"outcome": _classify(proc.returncode, err_text, argv[0]), "code": proc.returncode, "err": err_text[-600:],
+            "seconds": time.perf_counter() - start}
 
 
-def run_extended(root: Path, workdir: Path, workers: int = 3) -> dict[str, dict]:
-    """Every EXTENDED input against the moebench tree at ``root``: {id: run_probe result}."""
+class _Hang(BaseException):
+    """The alarm of an in-process probe (BaseException: no `except Exception` swallows it)."""
+
+
+def run_inprocess(argv: list[str], env: dict, cwd: Path, timeout: float = EXT_TIMEOUT_S) -> dict:
+    """One input through `moebench.cli.main` in this process, its environment set for the call."""
+    import contextlib
+    import io
+    import signal as sig
+
+    saved = {k: os.environ.get(k) for k in (*TORCHRUN_GOOD, *env)}
+    for k in TORCHRUN_GOOD:
+        os.environ.pop(k, None)
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    out, err = io.StringIO(), io.StringIO()
+    old_cwd = os.getcwd()
+
+    def on_alarm(signum, frame):
+        raise _Hang()
+
+    previous = sig.signal(sig.SIGALRM, on_alarm)
+    sig.setitimer(sig.ITIMER_REAL, timeout)
+    start = time.perf_counter()
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 2
+            except _Hang:
+                code = "hang"
+            except Exception:  # noqa: BLE001 (what the CLI let through is the finding)
+                import traceback
+
+                traceback.print_exc()
+                code = 2
+    finally:
+        sig.setitimer(sig.ITIMER_REAL, 0)
+        sig.signal(sig.SIGALRM, previous)
+        os.chdir(old_cwd)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    seconds = time.perf_counter() - start
+    if code == "hang":
+        return {"outcome": "hang", "code": None, "err": err.getvalue()[-600:], "seconds": seconds}
+    text = err.getvalue()
+    return {"outcome": _classify(code, text, argv[0]), "code": code, "err": text[-600:], "seconds": seconds}
+
+
+def run_extended(root: Path, workdir: Path, workers: int = 2, only_subprocess: bool = False) -> dict[str, dict]:
+    """Every EXTENDED input: {id: result}. From this tree the inputs of SUBPROCESS_EXT go through
+    `python -m moebench` (in a small pool) and the rest in-process; for another tree ``root``
+    (the numbers before a change) every input goes through its `python -m moebench`."""
     from concurrent.futures import ThreadPoolExecutor
 
     jobs = []
     for pid, make in EXTENDED:
         argv, env = make(workdir)
         jobs.append((pid, argv, env))
+    results = {}
+    outside = [j for j in jobs if root != ROOT or only_subprocess or j[0] in SUBPROCESS_EXT]
     with ThreadPoolExecutor(workers) as pool:
-        results = pool.map(lambda job: (job[0], {**run_probe(job[1], job[2], workdir, root), "argv": job[1]}), jobs)
-        return dict(results)
+        for pid, result in pool.map(lambda job: (job[0], {**run_probe(job[1], job[2], workdir, root),
+                                                           "argv": job[1], "how": "subprocess"}), outside):
+            results[pid] = result
+        if root == ROOT and not only_subprocess:
+            for pid, argv, env in jobs:
+                if pid not in results:
+                    results[pid] = {**run_inprocess(argv, env, workdir), "argv": argv, "how": "in-process"}
+    return {pid: results[pid] for pid, _, _ in jobs}
 
 
 def summary(results: dict[str, dict]) -> str:
@@ -871,10 +952,13 @@ def summary(results: dict[str, dict]) -> str:
 
     counts = Counter(r["outcome"] for r in results.values())
     lines = [f"{len(results)} inputs: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))]
-    for cmd in ("validate", "run"):
-        times = [r["seconds"] for r in results.values() if r["outcome"] == "refused" and r["argv"][0] == cmd]
-        if times:
-            lines.append(f"median refusal of `{cmd}`: {statistics.median(times):.2f} s over {len(times)} inputs")
+    for how in ("in-process", "subprocess"):
+        for cmd in ("validate", "run"):
+            times = [r["seconds"] for r in results.values()
+                     if r["outcome"] == "refused" and r["argv"][0] == cmd and r["how"] == how]
+            if times:
+                lines.append(f"median refusal of `{cmd}` ({how}): {statistics.median(times):.2f} s over "
+                             f"{len(times)} inputs")
     lines.append(f"load average: {os.getloadavg()[0]:.1f} (indicative only)")
     return "\n".join(lines)
 
@@ -907,7 +991,7 @@ def test_extended_corpus_summary(extended, capsys):
 
 def test_numba_thread_count_is_checked_before_numba_starts(tmp_path):
     result = run_probe(["run", str(_suite_file(tmp_path, "threads", SMALL)), "--results", str(tmp_path / "r")],
-                       {"NUMBA_NUM_THREADS": "100000"}, tmp_path)
+                       {"NUMBA_NUM_THREADS": "100000"}, tmp_path)  # through the entry point: numba would crash it
     assert result["outcome"] == "refused" and "NUMBA_NUM_THREADS='100000': expected a whole number" in result["err"]
     assert not (tmp_path / "r").exists()  # no run folder left `running`
 
@@ -945,8 +1029,11 @@ if __name__ == "__main__":  # counts and refusal times for the tree at argv[1] (
     import tempfile
 
     tree = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else ROOT
+    picked = [x for x in sys.argv[2:]]  # optional id prefixes: a sample
+    if picked:
+        EXTENDED[:] = [(pid, make) for pid, make in EXTENDED if pid.startswith(tuple(picked))]
     with tempfile.TemporaryDirectory() as work:
-        found = run_extended(tree, Path(work))
+        found = run_extended(tree, Path(work), only_subprocess=True)
     bad = {pid: r for pid, r in found.items() if r["outcome"] not in ("refused", "completed")}
     for pid, r in sorted(bad.items()):
         print(f"{r['outcome']:9} {pid}: {' '.join(r['err'].split())[:200]}")

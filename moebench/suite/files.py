@@ -123,6 +123,19 @@ class _Loader(yaml.SafeLoader):
                 )
         return super().construct_mapping(node, deep)
 
+    def construct_sexagesimal_free(self, node):
+        """YAML 1.1 reads ``1:04`` as 64 (base 60): almost always a typo in a suite (#23)."""
+        if ":" in str(node.value):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} is a base-60 number in YAML 1.1 (it would read as "
+                f"{yaml.SafeLoader.yaml_constructors[node.tag](self, node)}); quote it or write the number",
+                node.start_mark)
+        return yaml.SafeLoader.yaml_constructors[node.tag](self, node)
+
+
+for _tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
+    _Loader.add_constructor(_tag, _Loader.construct_sexagesimal_free)
+
 
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 

@@ -213,7 +213,7 @@ def read_trace(path: str | Path) -> Trace:
         raise TraceError(header_file, "missing (a moebench trace folder holds trace.json and trace.safetensors)")
     try:
         header = json.loads(header_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: [[[[... (#23)
         raise TraceError(header_file, f"not valid JSON ({exc})") from None
     check_header(header, header_file)
     if not tensor_file.is_file():

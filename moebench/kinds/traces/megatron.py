@@ -46,7 +46,7 @@ def _records(rank: int, path: Path) -> list[dict]:
                 continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # RecursionError: [[[[... (#23)
                 torn = not line.endswith("\n")
                 raise TraceError(path, f"line {lineno}: not valid JSON" + (" (truncated last line)" if torn else "")) from None
             if not isinstance(rec, dict):
@@ -59,6 +59,11 @@ def _records(rank: int, path: Path) -> list[dict]:
             idx = rec["top_indices"]
             if not isinstance(idx, list) or any(not isinstance(r, list) for r in idx):
                 raise TraceError(path, f"line {lineno}: 'top_indices' must be a list of lists of expert indices")
+            if any(isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < 1 << 31 for r in idx for e in r):
+                raise TraceError(path, f"line {lineno}: 'top_indices' must hold expert indices (integers >= 0)")
+            for key in ("layer", "step", "logit_offset", "logit_bytes"):  # used as numbers below (#23)
+                if key in rec and (isinstance(rec[key], bool) or not isinstance(rec[key], int) or rec[key] < 0):
+                    raise TraceError(path, f"line {lineno}: {key!r} must be an integer >= 0, got {str(rec[key])[:40]}")
             widths = {len(r) for r in idx}
             if len(widths) > 1:
                 raise TraceError(path, f"line {lineno}: 'top_indices' rows have different lengths {sorted(widths)}")

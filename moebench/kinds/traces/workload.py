@@ -129,7 +129,7 @@ def load_shape(path: str) -> dict:
     if p.is_file() and p.suffix == ".json" and p.name != "trace.json":
         try:
             shape = json.loads(p.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # [[[[... (#23)
             raise MoebenchError(f"{p}: not valid JSON ({exc})") from None
         if not isinstance(shape, dict) or shape.get("format") != SHAPE_FORMAT:
             raise MoebenchError(f"{p}: expected a trace shape ('format': {SHAPE_FORMAT!r})")

@@ -182,7 +182,7 @@ def parse_train(value: Any, fail: Fail, named: Callable[[Any, str], NamedSpec],
             fail(path or f"train.{key}", problem)
         return out
 
-    out: dict[str, Any] = {"steps": scalar("steps", Rule("int", 1))}
+    out: dict[str, Any] = {"steps": scalar("steps", Rule("int", 1, maximum=1_000_000))}  # 10^12 ran forever (#23)
     rules = {
         "tokens_per_step": Rule("int", 0, exclusive=True), "lr": Rule("number", 0, exclusive=True, maximum=100),  # 1e300 overflowed (#23)
         "weight_decay": Rule("number", 0), "aux_loss_coeff": Rule("number", 0), "z_loss_coeff": Rule("number", 0),
