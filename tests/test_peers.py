@@ -18,7 +18,7 @@ from moebench.core.case import TimingSpec
 from moebench.core.errors import WorkloadMismatchError
 from moebench.peers import base as peer_base
 from moebench.peers.base import PeerSkip, factor_for_capacity, rank_major
-from moebench.peers.conformance import PAIRS, compare, main as conformance_main, replayed_kept, time_rows
+from moebench.run.peer_conformance import PAIRS, compare, main as conformance_main, replayed_kept, time_rows
 from moebench.routers.base import RouteContext, RouteInputs
 from moebench.routers.registry import ROUTERS
 from moebench.core.workloads import WORKLOADS, BatchShape

@@ -6,7 +6,7 @@ choices per token, A assignments (token, expert pairs a router asked for before 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -102,3 +102,47 @@ class Routing:
         """<int64>[T]: number of kept assignments of each token."""
         out = torch.zeros(self.num_tokens, dtype=torch.int64, device=self.kept.device)
         return out.index_add_(0, self.token_index, self.kept.long())
+
+
+@dataclass(frozen=True)
+class RouteInputs:
+    """One batch as a router sees it.
+
+    logits    <dtype>[T, E]: router logits x = h · W_gate.
+    hidden    <dtype>[T, d] or None: hidden states h (noise gates, dispatch).
+    token_ids <int64>[T] or None: vocabulary ids (hash routing).
+    vocab_freq <float32>[V] or None: frequency of each vocabulary id (balanced hash).
+    """
+
+    logits: torch.Tensor
+    hidden: torch.Tensor | None = None
+    token_ids: torch.Tensor | None = None
+    vocab_freq: torch.Tensor | None = None
+
+
+@dataclass
+class RouterState:
+    """State carried across the batches of a stream.
+
+    bias <float32>[E] or None: the aux-loss-free expert bias (selection only).
+    extra: router-specific state (e.g. a hash map built once per stream).
+    """
+
+    bias: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RouteContext:
+    """Everything about a case a router needs besides the batch.
+
+    top_k: choices per token.  capacity: slots per expert or None (dropless).
+    drop_policy: registry key of the drop policy.  generator: the seeded RNG for any
+    randomness (noise, random routing, random drops).  state: the stream's RouterState.
+    """
+
+    top_k: int
+    capacity: int | None
+    drop_policy: str = "position"
+    generator: torch.Generator | None = None
+    state: RouterState | None = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from moebench.routers.base import RouteInputs
+from moebench.core.routing import RouteInputs
 from moebench.core.workloads import BatchShape
 
 

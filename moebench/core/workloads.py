@@ -16,7 +16,7 @@ import torch
 
 from moebench.core.errors import WorkloadMismatchError
 from moebench.core.registry import Registry
-from moebench.routers.base import RouteInputs
+from moebench.core.routing import RouteInputs
 
 
 def _load_kind_workloads() -> None:

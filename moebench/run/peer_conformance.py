@@ -1,6 +1,6 @@
 """Conformance of moebench's routers with the peer systems' code, on identical logits.
 
-    python -m moebench.peers.conformance [--tokens N] [--experts E] [--capacity-factor CF]
+    python -m moebench.run.peer_conformance [--tokens N] [--experts E] [--capacity-factor CF]
                                          [--workloads uniform,zipf] [--no-timing | --timing-only]
                                          [--out FILE]
 
@@ -368,7 +368,7 @@ def _conformance_tables(w, tokens, experts, capacity_factor, workloads, seed) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moebench.peers.conformance", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m moebench.run.peer_conformance", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=65536)
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--capacity-factor", type=float, default=1.25)
