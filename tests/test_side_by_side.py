@@ -28,12 +28,19 @@ def test_one_line_per_case_one_column_per_router_in_suite_order():
     assert math.isnan(table.loc[1, "peer:megatron.topk"])  # skipped rows leave a hole, not a zero
 
 
-def test_markdown_gives_ratio_to_the_fastest_and_bolds_it():
-    text = markdown(side_by_side_table(_rows()))
-    lines = text.splitlines()
+def test_markdown_gives_ratio_to_the_fastest_and_bolds_it_only_when_its_interval_is_apart():
+    rows = _rows()
+    rows["route.ci_low_ms"] = rows["route.median_ms"] * 0.95
+    rows["route.ci_high_ms"] = rows["route.median_ms"] * 1.05
+    lines = markdown(side_by_side_table(rows)).splitlines()
     assert lines[0] == "| case | topk | peer:megatron.topk |"
     assert "**2.000 (1.0×)**" in lines[2] and "15.000 (7.5×)" in lines[2]
     assert lines[3].endswith("| **4.000 (1.0×)** | - |")
+
+
+def test_markdown_bolds_nothing_where_the_fastest_has_no_interval_to_be_apart():
+    lines = markdown(side_by_side_table(_rows())).splitlines()
+    assert "**" not in lines[2] and "2.000 (1.0×)" in lines[2]  # no CI: a tie, not a winner
 
 
 def test_needs_two_timed_routers():
