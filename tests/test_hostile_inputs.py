@@ -814,9 +814,7 @@ for _var, _value in (("NUMBA_NUM_THREADS", "100000"), ("NUMBA_NUM_THREADS", "abc
 
 # inputs #23 leaves to other work (helper H2: regular files only, size limits per line and
 # file): an outcome other than "refused"/"completed" here is expected until that lands
-KNOWN_OPEN = {f"runs.{w}.{c}": "run-folder readers: FIFOs, /dev/zero, huge lines (#23 item 6, helper H2)"
-              for w in ("rows-fifo", "meta-fifo", "rows-dev-zero", "rows-huge") for c in RUN_COMMANDS}
-KNOWN_OPEN["trace.megatron-fifo"] = "a FIFO trace file (#23 item 6, helper H2)"
+KNOWN_OPEN: dict[str, str] = {}  # input id -> why it may still fail (none left open)
 
 
 # through `python -m moebench` (a signal, a hang or the start-up cost only shows there); the rest

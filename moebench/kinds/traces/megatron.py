@@ -18,12 +18,14 @@ and the expert bias when present.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import torch
 
 from moebench.kinds.traces.format import LayerTrace, Trace, TraceError, check_layer, new_header
+from moebench.store.reader import open_regular
 
 RANK_FILE = re.compile(r"router_trace_rank(\d+)\.jsonl$")
 
@@ -40,7 +42,10 @@ def megatron_files(folder: Path) -> list[tuple[int, Path]]:
 
 def _records(rank: int, path: Path) -> list[dict]:
     records = []
-    with path.open(encoding="utf-8") as f:
+    fd = open_regular(path)  # a FIFO or device named like a trace file must not block (#23)
+    if fd is None:
+        raise TraceError(path, "missing")
+    with os.fdopen(fd, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -90,7 +95,10 @@ def _logits(rec: dict, folder: Path) -> torch.Tensor:
     total = path.stat().st_size
     if offset < 0 or offset + size > total:
         raise TraceError(path, f"truncated: {where} needs bytes {offset}..{offset + size}, the file has {total}")
-    with path.open("rb") as f:
+    fd = open_regular(path)
+    if fd is None:
+        raise TraceError(path, f"missing ({where} points at it)")
+    with os.fdopen(fd, "rb") as f:
         f.seek(offset)
         data = bytearray(f.read(size))
     return torch.frombuffer(data, dtype=torch.int16).view(torch.bfloat16).reshape(shape).float()
