@@ -70,6 +70,11 @@ def test_identity_experts_bit_for_bit_with_eplb_replicas(ep):
     assert len(json.loads(row["slot_expert"])) == 8
     for key in ("layer_ms", "a2a_ms", "expert_ms", "straggler_ratio", "rank_imbalance"):
         assert row[key] > 0
+    for phase in ("layer", "a2a", "expert", "dispatch", "combine"):  # summarized like every timed phase
+        low, high = row[f"{phase}_ms_ci_low"], row[f"{phase}_ms_ci_high"]
+        assert (low is None) == (high is None)
+        if low is not None:
+            assert low <= row[f"{phase}_ms"] <= high
     check_against_reference(case, spec, records[0], row, exact=True)
 
 

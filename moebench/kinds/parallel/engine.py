@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ import torch.distributed as dist
 from moebench.core.case import Case, NamedSpec
 from moebench.core.errors import MoebenchError
 from moebench.core.routing_check import check_routing
+from moebench.core.timing_stats import summarize
 from moebench.kinds.parallel.layer import DTYPES, Experts, global_batches, route_shard, shard_inputs
 from moebench.kinds.parallel.placement import make_placement
 from moebench.kinds.parallel.plan import RankPlan, rank_plan, shard_bounds
@@ -253,9 +253,13 @@ def _run_router(job, named, batches, lo, hi, rank, world, device, backend, armed
                 dist.barrier()
                 rounds.append(run_layer(hidden, plan, local_experts, experts, clock)[2])
             rounds = rounds[job.warmup:] or [checked]
-            timed = {p: statistics.median(r[p] for r in rounds) for p in PHASES}
-            timed["layer"] = statistics.median(sum(r[p] for p in PHASES) for r in rounds)
-            timed["a2a"] = statistics.median(r["dispatch"] + r["combine"] for r in rounds)
+            samples = {p: [r[p] for r in rounds] for p in PHASES}
+            samples["layer"] = [sum(r[p] for p in PHASES) for r in rounds]
+            samples["a2a"] = [r["dispatch"] + r["combine"] for r in rounds]
+            # the same summary every timed phase gets (median, and its 95% CI where rounds allow)
+            stats = {p: summarize(x) for p, x in samples.items()}
+            timed = {p: st.median for p, st in stats.items()}
+            timed["ci"] = {p: (st.ci_low, st.ci_high) for p, st in stats.items()}
         mine = {"routing": _cpu_routing(routing), "send": plan.input_splits, "recv": recv_counts.sum(1),
                 "out": out.cpu() if job.keep_outputs else None, "timed": timed,
                 "slot_expert": placement.slot_expert, "policy": placement.policy,

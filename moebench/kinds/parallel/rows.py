@@ -152,6 +152,7 @@ def engine_row(case: Case, spec: ParallelSpec, record: dict, base: dict) -> RowR
         "a2a_ms": max(t["a2a"] for t in timed),
         "expert_ms": float(rank_expert.max()),
         **{f"{p}_ms": max(t[p] for t in timed) for p in ("permute", "dispatch", "combine", "unpermute")},
+        **_slowest_rank_ci(timed),
     })
     key = {"run_id": row.get("run_id"), "case_id": row["case_id"], "router": row["router"]}
     batches = [{**key, "batch": b, **m} for b, m in enumerate(per_batch)] if case.batches > 1 else []
@@ -245,3 +246,17 @@ def _model_row(case: Case, spec: ParallelSpec, named, batches, row: dict) -> Row
     key = {"run_id": row.get("run_id"), "case_id": row["case_id"], "router": row["router"]}
     batches_out = [{**key, "batch": b, **m} for b, m in enumerate(per_batch)] if case.batches > 1 else []
     return RowResult(row, batches_out, {**key, "batch": 0, "loads": first_loads})
+
+
+def _slowest_rank_ci(timed: list[dict]) -> dict:
+    """``<phase>_ms_ci_low/high``: the 95% CI of the median of the rank whose median is the
+    phase's column (the slowest rank sets the layer's time); None where too few rounds."""
+    out = {}
+    for phase in ("layer", "a2a", "experts", "permute", "dispatch", "combine", "unpermute"):
+        if not all("ci" in t for t in timed):
+            break
+        slowest = max(timed, key=lambda t: t[phase])
+        low, high = slowest["ci"][phase]
+        column = "expert" if phase == "experts" else phase
+        out[f"{column}_ms_ci_low"], out[f"{column}_ms_ci_high"] = low, high
+    return out
