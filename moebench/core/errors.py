@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import signal
+import threading
 
 
 class MoebenchError(Exception):
@@ -32,9 +35,27 @@ class UnknownNameError(MoebenchError):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a CI cancel, `kill`), raised in the main thread while
-    `moebench.run.session.sigterm_as_interrupt` is active, so that it ends a run exactly as
+    `sigterm_as_interrupt` is active, so that it ends a run exactly as
     Ctrl-C does. Here, not in the session, so that whatever starts processes of its own (the
     parallel kind's launcher) can raise it without importing the run loop."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block SIGTERM raises :class:`Terminated` (main thread only; else a no-op), so a
+    `run` or an `ab` ends on SIGTERM exactly as on Ctrl-C, with its clean-up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class WorkloadMismatchError(MoebenchError):

@@ -4,11 +4,8 @@ as it finishes, and record how the run ended. Prints nothing; `progress` wraps t
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +16,7 @@ from moebench.core import kinds
 from moebench.core.case import Case, Suite
 from moebench.run.isolation import worker_numba_layer
 from moebench.run.machine import capture_environment, load_snapshot, numba_layer_in_use
-from moebench.core.errors import MoebenchError, Terminated  # Terminated: still importable from here
+from moebench.core.errors import MoebenchError, Terminated, sigterm_as_interrupt  # noqa: F401  (both still importable from here)
 from moebench.run.reference_kernel import reference_meta
 from moebench.core.paths import under
 from moebench.store.runs import RunDir, load_run, new_run_id, suite_yaml_copy, utc_now
@@ -224,20 +221,3 @@ def _stopped_by(exc: BaseException) -> str:
         return "SIGINT"
     first = (str(exc).splitlines() or [""])[0][:300]
     return f"error: {type(exc).__name__}: {first}"
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """Within the block SIGTERM raises :class:`Terminated` (main thread only; else a no-op)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Terminated(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -8,13 +8,10 @@ workers), driver.py (the rounds and looks), stats.py (intervals and verdicts), o
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import secrets
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +23,7 @@ from moebench.compare.ab.outcome import Outcome, format_text, side_rows, write_a
 from moebench.compare.ab.protocol import LOAD_TIMEOUT_S, SideWorker, worker_env
 from moebench.compare.ab.sides import assert_distinct, close_side, open_side, repository, side_paths
 from moebench.compare.verdicts import compare_runs
-from moebench.core.errors import MoebenchError
+from moebench.core.errors import MoebenchError, Terminated, sigterm_as_interrupt
 from moebench.core.paths import output_problem, under, write_output
 from moebench.store.runs import new_run_id, utc_now
 
@@ -61,26 +58,6 @@ class ABOptions:
     fail_fast: bool = False
     json: str | None = None  # also write ab.json's content here
     command: str = ""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM during `ab`: ends it as Ctrl-C does (workers and worktrees removed)."""
-
-
-@contextlib.contextmanager
-def _sigterm_raises():
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Terminated(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def check_options(o: ABOptions) -> None:
@@ -122,7 +99,7 @@ def _run(o: ABOptions, out: TextIO, err: TextIO) -> int:
     if o.base is not None or o.head is not None or o.head_python is None:
         repo = repository(Path.cwd())
     sides, workers = [], []
-    with _sigterm_raises():
+    with sigterm_as_interrupt():
         try:
             sides.append(open_side("A", repo, o.base, o.base_python, "base"))
             sides.append(open_side("B", repo, o.head, o.head_python, "head"))
