@@ -137,8 +137,14 @@ def test_sinkhorn_numba_matches_the_torch_iteration(t, e, scale, seed, f64, tol)
     x = torch.randn(t, e, generator=g, dtype=torch.float64 if f64 else torch.float32) * scale
     k0, a0, a1, n_a = sinkhorn_scaling(x, tol, 200, impl="torch")
     k1, b0, b1, n_b = sinkhorn_scaling(x, tol, 200, impl="numba")
-    assert torch.equal(k0, k1) and n_a == n_b
+    assert torch.equal(k0, k1)
     assert torch.allclose(b0, a0, rtol=1e-6, atol=0) and torch.allclose(b1, a1, rtol=1e-6, atol=0)
+    # The stop compares an absolute error mean|d1_old - d1| with tol. Where d1 is so large that
+    # one float64 rounding step of it exceeds tol (wide logits), the error after convergence is
+    # rounding noise whose size depends on the summation order, so the two may stop at
+    # different iterations; the scalings still agree to 1e-6 (above). Elsewhere the counts match.
+    if float(a1.abs().max()) * torch.finfo(torch.float64).eps <= tol:
+        assert n_a == n_b
 
 
 @pytest.mark.parametrize("k", [1, 2])

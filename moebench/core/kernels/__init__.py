@@ -291,7 +291,7 @@ def route_fused(scores: torch.Tensor, k: int, bias: torch.Tensor | None, normali
         b = _ZEROS.get(e)
         if b is None:
             b = _ZEROS[e] = np.zeros(e, np.float32)
-    s = scores.numpy()
+    s = scores.detach().numpy()  # weights computed outside autograd (a trained gate needs impl torch)
     out = _numba_small.route_fused(s, s.view(np.int32), b, has_bias, k, normalize,
                                    -1 if capacity is None else int(capacity), policy == "probs", e)
     return tuple(torch.from_numpy(x) for x in out)
