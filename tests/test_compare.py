@@ -172,6 +172,31 @@ def test_a_busier_machine_is_not_a_regression(capsys):
     assert cli(capsys, run("base"), run("busy"), "--consistency", "0")[0] == 1
 
 
+def _busy_sides(slow: dict[str, float], machine: float = 1.4, cases: int = 6):
+    """Two sides of routers r0..r3 on ``cases`` cases with tight CIs: B's every median is
+    ``machine`` times A's, and the routers in ``slow`` are that many times slower again."""
+    def side(factor_of):
+        rows = [{"case_id": f"c{i}", "router": r, "status": "ok", "device": "cpu", "imbalance": 1.0,
+                 "route.median_ms": 1.0 * factor_of(r), "route.rounds": 20,
+                 "route.ci_low_ms": 0.99 * factor_of(r), "route.ci_high_ms": 1.01 * factor_of(r)}
+                for i in range(cases) for r in ("r0", "r1", "r2", "r3")]
+        return {"environment": {"cpu_model": "x", "hostname": "h"}}, rows
+    return side(lambda r: 1.0), side(lambda r: machine * slow.get(r, 1.0))
+
+
+@pytest.mark.parametrize("extra, verdict", [(3.0, "worse"), (1.2, "worse"), (1.05, "unchanged")])
+def test_a_router_that_stands_out_from_a_busier_machine_is_judged(extra, verdict):
+    # every median is 1.4x slower (all CIs apart: the share rule alone sees nothing stand out);
+    # r0 is ``extra`` times slower again: judged by its ratio over the others' median ratio
+    a, b = _busy_sides({"r0": extra})
+    c = compare_runs(a, b)
+    groups = {g.router: g for g in c.time_groups if g.metric == "route.median_ms"}
+    assert groups["r0"].verdict == ("REGRESSION" if verdict == "worse" else "unchanged"), groups["r0"].reason
+    assert all(groups[r].verdict == "unchanged" for r in ("r1", "r2", "r3"))
+    assert c.exit_code == (1 if verdict == "worse" else 0)
+    assert any("24 of 24 medians are slower in B" in n for n in c.notes)
+
+
 def test_relative_needs_reference_times():
     meta, rows = load_side(run("base"))
     bare = ({k: v for k, v in meta.items() if k != "reference"}, rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -266,7 +267,9 @@ def test_suite_rank_count_is_checked_on_every_rank(tmp_path, rank):
     assert "parallel.ep is 4 but torchrun started WORLD_SIZE=2 processes" in err, err
 
 
-def test_real_torchrun_with_too_few_ranks_says_so_on_every_rank(tmp_path):
+def test_real_torchrun_with_too_few_ranks_says_so_without_a_traceback(tmp_path):
+    # every rank checks (test above); under real torchrun the first rank to exit makes the agent
+    # SIGTERM the others, so a slower rank may be stopped before it speaks: at least one must
     (tmp_path / "ep4.yaml").write_text(EP4)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "MOEBENCH"))}
     done = subprocess.run(
@@ -275,7 +278,7 @@ def test_real_torchrun_with_too_few_ranks_says_so_on_every_rank(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode != 0
     said = done.stdout + done.stderr
-    for rank in (0, 1):
-        assert f"[rank{rank}]" in said or f"[default{rank}]" in said, said[-3000:]
-    assert said.count("parallel.ep is 4 but torchrun started WORLD_SIZE=2 processes") == 2, said[-3000:]
+    told = [line for line in said.splitlines() if "parallel.ep is 4 but torchrun started WORLD_SIZE=2 processes" in line]
+    assert 1 <= len(told) <= 2, said[-3000:]
+    assert all(re.search(r"\[(rank|default)[01]\]:moebench: error: ep4.yaml: ", line) for line in told), told
     assert "unexpected" not in said and "RuntimeError" not in said, said[-3000:]

@@ -5,8 +5,11 @@ slows a router on most of its cases. So a router's median times (per phase and d
 verdict from all its cases: the median over its cases of B/A must exceed the threshold (the
 gate's, else the rule's), the 95% CIs of the two medians must lie apart (B slower, by more than
 min_diff_ms) on at least ``consistency`` of its cases, that share must beat the share among all
-other medians of the device by ``margin`` (a busier machine slows every router), and it needs
-``min_cases`` cases (a single noisy cell decides nothing). ``better`` mirrors it. The rows of a
+other medians of the device by ``margin`` (a busier machine slows every router) -- or, where the
+others moved too, the router's median ratio divided by the others' median ratio must itself exceed
+the threshold (a busier machine scales every time by about one factor; a router 10x slower on a
+machine 1.5x busier still stands out) -- and it needs ``min_cases`` cases (a single noisy cell
+decides nothing). ``better`` mirrors it. The rows of a
 ``worse`` router whose CIs lie apart carry its verdict (and the regression, where gated); the
 other rows whose CIs lie apart say why they were taken for noise.
 
@@ -42,6 +45,14 @@ def _beyond(gate, noise, ratio: float, diff_ms: float, up: bool) -> bool:
     return ratio > 1 + (gate.threshold if gate is not None else noise.threshold)
 
 
+def _stands_out(gate, noise, relative: float, up: bool) -> bool:
+    """Whether a router's ratio relative to the others' (``relative``) exceeds the relative
+    threshold: the gate's where it is relative, else the rule's (an absolute ms gate says nothing
+    about how much of a difference a busier machine explains)."""
+    t = gate.threshold if up and gate is not None and gate.relative else noise.threshold
+    return relative > 1 + t if up else 1 / relative > 1 + t
+
+
 def _each_alone(vs, gate, noise, gated: bool) -> tuple[str, str]:
     """``consistency`` 0: every row judged by its own ratio, CIs and difference."""
     for v in vs:
@@ -54,8 +65,9 @@ def _each_alone(vs, gate, noise, gated: bool) -> tuple[str, str]:
     return verdict, f"{worse or better} of {len(vs)} cases {'faster' if better and not worse else 'slower'}, each judged alone"
 
 
-def _as_router(vs, gate, noise, gated: bool, total: dict, device) -> tuple[str, str]:
-    """The router's verdict from all its cases (the module docstring); sets its rows'."""
+def _as_router(vs, gate, noise, gated: bool, total: dict, device, others: float | None) -> tuple[str, str]:
+    """The router's verdict from all its cases (the module docstring); sets its rows'.
+    ``others``: the median B/A over every other median of the device (None: there is none)."""
     n, rest = len(vs), total[device, None] - len(vs)
     ratio = statistics.median(v.ratio for v in vs)
     diff_ms = statistics.median(v.diff_ms for v in vs)
@@ -70,8 +82,10 @@ def _as_router(vs, gate, noise, gated: bool, total: dict, device) -> tuple[str, 
             reasons.append(f"{why}; a router needs >= {noise.min_cases} cases to tell it from a noisy cell")
         elif len(hits) < noise.consistency * n:
             reasons.append(f"{why}, below {_share(noise.consistency)}")
-        elif len(hits) / n - background < noise.margin:
-            reasons.append(f"{why}, and {background:.0%} of the other medians too")
+        elif len(hits) / n - background < noise.margin and not (
+                others and _stands_out(gate, noise, ratio / others, up)):
+            reasons.append(f"{why}, and {background:.0%} of the other medians too"
+                           + (f" (median ratio {ratio:.3g}, theirs {others:.3g})" if others else ""))
         elif not _beyond(gate, noise, ratio, diff_ms, up):
             reasons.append(f"{why}, median ratio {ratio:.3g} within {_limit(gate, noise, up)}")
         else:
@@ -96,6 +110,9 @@ def judge_times(rows, noise, gates: dict, notes: list[str]) -> list[Group]:
                     and v.diff_ms is not None:
                 groups[(r.router, str(r.device), v.metric)].append(v)
     total: dict[tuple, int] = defaultdict(int)  # (device, kind) -> cells; (device, None) -> medians
+    ratios: dict[str, list[tuple[tuple, float]]] = defaultdict(list)  # device -> (group, B/A) per cell
+    for key, vs in groups.items():
+        ratios[key[1]].extend((key, v.ratio) for v in vs)
     for (_, device, _), vs in groups.items():
         total[device, None] += len(vs)
         for kind in ("slower", "faster"):
@@ -107,7 +124,9 @@ def judge_times(rows, noise, gates: dict, notes: list[str]) -> list[Group]:
         if noise.consistency <= 0:
             verdict, reason = _each_alone(vs, gate, noise, gated)
         else:
-            verdict, reason = _as_router(vs, gate, noise, gated, total, device)
+            rest = [x for k, x in ratios[device] if k != (router, device, name)]
+            others = statistics.median(rest) if rest else None
+            verdict, reason = _as_router(vs, gate, noise, gated, total, device, others)
         lows = [v.interval[0] for v in vs if v.interval]
         highs = [v.interval[1] for v in vs if v.interval]
         regression = any(v.regression for v in vs)
