@@ -8,7 +8,7 @@ One scratch git repository (a temporary folder) holds a quickstart-sized suite (
 uniform, zipf, hot-experts and clustered traffic at T=4096, E=64, k=2, capacity 1.25; the
 suite's default timing) and the test plugin of tests/fixtures/ab_plugin: one router class
 `abplug` used under one label per fraction (``slow0``, ``slow2``, ... ``slow20``), beside the
-built-in `topk` and `switch`. Commit A has no slowdown; commit B makes each ``slowN`` busy-wait
+built-in `topk` and `gshard`. Commit A has no slowdown; commit B makes each ``slowN`` busy-wait
 N% of its own route time (``slow0`` stays at 0%: same code, other commit), so one trial tests
 every fraction at once. Per trial and method:
 
@@ -23,7 +23,7 @@ every fraction at once. Per trial and method:
 
 The Markdown table (``--out``; docs/ci.md shows it) has one row per method and fraction: the
 share of trials in which the slowed router was flagged (at 0% that is a false alarm), the
-false alarms on the untouched routers (`topk`, `switch`, all phases: flagged router-trials of
+false alarms on the untouched routers (`topk`, `gshard`, all phases: flagged router-trials of
 all router-trials), and the median wall time of a trial. ``--load`` runs a busy loop pinned to
 one core for the whole benchmark (a shared CI runner).
 """
@@ -45,7 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "ab_plugin"
 FRACTIONS = (0.0, 0.02, 0.05, 0.10, 0.20)
-UNTOUCHED = ("topk", "switch")
+UNTOUCHED = ("topk", "gshard")  # built-in top-2 routers (switch is top-1 only: no cells at k=2)
 METHODS = ("compare", "ab", "duet", "ab-min")
 
 
@@ -67,7 +67,7 @@ grid:
   capacity_factor: [1.25]
 routers:
   - topk
-  - switch
+  - gshard
 {plugins}
 timing: {{warmup_rounds: 2, min_rounds: 5, max_rounds: 50, min_time_s: 0.01, threads: 2}}
 """
@@ -118,6 +118,7 @@ def trial_compare(trees: dict[str, Path], results: Path, quick: bool) -> tuple[d
         raise RuntimeError(f"moebench compare failed: {done.stderr[-500:]}")
     flagged = defaultdict(bool)
     for row in json.loads(report.read_text())["rows"]:
+        flagged[row["router"]] |= False  # measured: counted even when not flagged
         for v in row["metrics"].values():
             flagged[row["router"]] |= bool(v.get("regression"))
     return flagged, time.monotonic() - start
@@ -173,6 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, help="moebench ab --budget-s (default: ab's own)")
     p.add_argument("--quick", action="store_true", help="--quick sizes in every run (smoke test of this script)")
     p.add_argument("--out", help="write the Markdown table here")
+    p.add_argument("--keep", help="copy each ab trial's ab.json into this folder (t<N>-<method>.json)")
     args = p.parse_args(argv)
     fractions = tuple(float(x) for x in args.fractions.split(","))
     if 0.0 not in fractions:
@@ -201,9 +203,15 @@ def main(argv=None) -> int:
                         mode = "duet" if method == "duet" else "interleaved"
                         extra = ("--block-stat", "min") if method == "ab-min" else ()
                         flagged, wall = trial_ab(repo, a, b, out, mode, args.budget_s, args.quick, extra)
+                        if args.keep:
+                            Path(args.keep).mkdir(parents=True, exist_ok=True)
+                            shutil.copy(next(out.glob("ab/gatepower/*/ab.json")), Path(args.keep) / f"t{t}-{method}.json")
                     r = results[method]
                     for f in fractions:
                         r["hits"][f].append(bool(flagged[label(f)]))
+                    missing = [u for u in UNTOUCHED if u not in flagged]
+                    if missing:
+                        raise RuntimeError(f"{method}: untouched router(s) {missing} were not measured")
                     r["untouched"].extend(bool(flagged[u]) for u in UNTOUCHED)
                     r["wall"].append(wall)
                     shown = ", ".join(k for k, v in sorted(flagged.items()) if v) or "nothing"

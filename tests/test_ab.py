@@ -97,8 +97,11 @@ def test_too_few_pairs_is_undecided():
 
 
 def test_look_alpha_spends_at_most_alpha():
-    total = sum(stats.look_alpha(0.05, k, 7) * 7 for k in range(1, 10_000))
-    assert total <= 0.05 and total == pytest.approx(0.05, rel=1e-3)
+    interim = sum(stats.look_alpha(0.05, k, 7) * 7 for k in range(1, 10_000))
+    final = stats.look_alpha(0.05, 3, 7, final=True) * 7
+    assert interim + final <= 0.05 and interim + final == pytest.approx(0.05, rel=1e-3)
+    assert final == pytest.approx(0.05 * stats.FINAL_SHARE)  # the end is not judged at a shrunk level
+    assert stats.look_alpha(0.05, 1, 7) == pytest.approx(0.05 * (1 - stats.FINAL_SHARE) / 7 / 2)
     assert stats.look_schedule(10, 1.5)[:4] == [10, 15, 22, 33]
 
 
@@ -121,6 +124,44 @@ def test_cells_match_and_size_blocks():
     assert [(c.key, c.index, c.calls) for c in cells] == [("x", (0, 3), 20)]
     assert calls_for(5.0, (100.0, 200.0)) == 1
     assert len(make_groups(cells)) == 1
+
+
+class _NullWorker:
+    """A side whose every block is ``calls`` lognormal calls around 1 ms: A and B alike."""
+
+    def __init__(self, rng: np.random.Generator, sd: float):
+        self.rng, self.sd = rng, sd
+
+    def request(self, req: dict) -> dict:
+        return {"ms": list(np.exp(self.rng.normal(0.0, self.sd, req["calls"])))}
+
+
+def _null_family_alarms(sims: int, alpha: float, groups: int, rounds: int, seed: int = 0) -> float:
+    """Share of simulated `ab` runs of identical sides (min_effect 0) in which any group got a
+    verdict other than undecided: interim looks on the driver's schedule, then the final look."""
+    from moebench.compare.ab.driver import Driver, Settings
+
+    rng = np.random.default_rng(seed)
+    alarms = 0
+    for sim in range(sims):
+        cells = [Cell(f"k{g}.{c}", f"c{c}", f"r{g}", "route", "cpu", (0, 0), (1.0, 1.0), 3, c % 2)
+                 for g in range(groups) for c in range(2)]
+        driver = Driver((_NullWorker(rng, 0.3), _NullWorker(rng, 0.3)), make_groups(cells),
+                        Settings(alpha=alpha, min_effect=0.0, seed=sim), progress=lambda text: None)
+        for _ in range(rounds):
+            driver._round()
+            if driver.rounds in driver.schedule:
+                driver.look()
+        driver.look(final=True)
+        alarms += any(g.verdict in ("slower", "faster") for g in driver.groups)
+    return alarms / sims
+
+
+def test_sequential_looks_keep_the_family_false_alarm_rate_under_alpha():
+    # 4 router-phases, 5 interim looks (pairs 7, 10, 14, 20, 28) and a final one at 40: the
+    # family's alarms (any wrong verdict at any look) stay within alpha, with 3 sigma of slack
+    rate = _null_family_alarms(sims=300, alpha=0.2, groups=4, rounds=40)
+    assert rate <= 0.2 + 3 * math.sqrt(0.2 * 0.8 / 300), rate
 
 
 # --- the pull-request recipe, end to end --------------------------------------------------------

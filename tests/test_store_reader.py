@@ -298,3 +298,23 @@ def test_commands_skip_a_deeply_nested_line(committed_run, tmp_path):
         assert "RecursionError" not in err and "Traceback" not in err, (argv[0], err)
         assert "rows.jsonl: skipped 1 unreadable line(s)" in err, (argv[0], err)
     assert len(load_run(run).rows()) == len(lines)
+
+
+def test_non_finite_numbers_read_as_none(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"case_id": "c", "router": "r", "cv": 1e999, "a": -1e999, "b": NaN, "c": Infinity, "d": 0.5}\n')
+    (row,) = read_jsonl(path)
+    assert row == {"case_id": "c", "router": "r", "cv": None, "a": None, "b": None, "c": None, "d": 0.5}
+
+
+def test_commands_on_rows_holding_1e999_say_nothing_of_it(committed_run, tmp_path):
+    # moebench never writes inf (JSON has none); a hand-edited 1e999 must not reach numpy or math
+    run = _small_run(committed_run, tmp_path / "run")
+    other = _small_run(committed_run, tmp_path / "other")
+    text = (run / "rows.jsonl").read_text()
+    for key in ("imbalance", "cv", "route.median_ms", "drop_rate"):
+        text = text.replace(f'"{key}": ', f'"{key}": 1e999, "{key}_was": ', 2)
+    (run / "rows.jsonl").write_text(text)
+    for argv, (rc, err) in zip(_commands(run, other, tmp_path), _run_commands(_commands(run, other, tmp_path))):
+        assert rc in (0, 1), (argv[0], err)
+        assert "Warning" not in err and "unexpected" not in err and "Traceback" not in err, (argv[0], err)

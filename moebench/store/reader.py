@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import stat
 from pathlib import Path
@@ -88,11 +89,18 @@ def read_regular(path: Path, limit: int = MAX_JSON_BYTES) -> bytes | None:
     return data
 
 
+def _finite_or_none(text: str) -> float | None:
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
 def loads_json(text: str | bytes):
     """``json.loads`` with every failure one ValueError: a nesting too deep for the parser
-    (RecursionError: 1000+ ``[``) is bad JSON like any other."""
+    (RecursionError: 1000+ ``[``) is bad JSON like any other. A number that is not finite
+    (``1e999``, ``NaN``, ``Infinity``) reads as None, as moebench writes them (durable: JSON has
+    no NaN/inf), so no report or comparison meets an inf it never wrote."""
     try:
-        return json.loads(text)
+        return json.loads(text, parse_float=_finite_or_none, parse_constant=lambda name: None)
     except RecursionError:
         raise ValueError("JSON nested too deep") from None
 

@@ -14,7 +14,8 @@ once on each side, in a fresh random order of cells:
 
 A group's round value is the mean over its cases of log(B/A); its verdict comes from the
 Hodges-Lehmann shift of those values and their signed-rank interval at the level that
-`stats.look_alpha` allows at that look (Bonferroni over the groups, alpha/(k(k+1)) at look k):
+`stats.look_alpha` allows at that look (Bonferroni over the groups; half of alpha spent over the
+interim looks as alpha/2/(k(k+1)) at look k, half kept for the look when the budget ends):
 a group settled at a look (slower, faster or same) keeps that verdict and leaves the schedule.
 """
 
@@ -173,8 +174,8 @@ class Driver:
                     break
         else:
             self.stopped_by = "settled"
-        if self.active() and (not self.looks or self.looks[-1]["pairs"] != self.rounds):
-            self.look()
+        if self.active() and self.rounds:
+            self.look(final=True)
 
     def calibrate(self, deadline: float, calls: int = 3) -> None:
         """Size each cell's blocks from ``calls`` calls per side timed now, one side at a time
@@ -237,10 +238,11 @@ class Driver:
             cell.blocks[1].append(med_b)
         self.rounds += 1
 
-    def look(self) -> None:
-        """Judge every unsettled group at this look's level; settled ones leave the schedule."""
+    def look(self, final: bool = False) -> None:
+        """Judge every unsettled group at this look's level (``final``: the look at the end,
+        with the share of alpha kept for it); settled ones leave the schedule."""
         k = len(self.looks) + 1
-        level = look_alpha(self.s.alpha, k, len(self.groups))
+        level = look_alpha(self.s.alpha, k, len(self.groups), final)
         settled = 0
         for g in self.active():
             g.interval = shift_interval(g.round_values(), level)
@@ -249,4 +251,5 @@ class Driver:
             if g.verdict != "undecided":
                 g.settled_at = self.rounds
                 settled += 1
-        self.looks.append({"look": k, "pairs": self.rounds, "alpha_per_test": level, "settled": settled})
+        self.looks.append({"look": k, "pairs": self.rounds, "alpha_per_test": level, "settled": settled,
+                           "final": final})

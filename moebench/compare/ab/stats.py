@@ -142,14 +142,21 @@ def verdict(iv: Interval, min_effect: float) -> str:
     return "undecided"
 
 
-def look_alpha(alpha: float, look: int, tests: int) -> float:
-    """The error each test may spend at look ``look`` (1, 2, ...): Bonferroni over ``tests``
-    tests, and over the looks by spending alpha/(k(k+1)) at look k (the sum over all looks
-    is alpha, however many there are), so stopping at the first settled look keeps the
-    family's false-alarm rate at most ``alpha``."""
+FINAL_SHARE = 0.5  # of alpha kept for the look at the end (budget spent), where the pairs are most
+
+
+def look_alpha(alpha: float, look: int, tests: int, final: bool = False) -> float:
+    """The error each test may spend at interim look ``look`` (1, 2, ...) or, ``final``, at
+    the one look made when the budget ends: Bonferroni over ``tests`` tests; FINAL_SHARE of
+    alpha goes to the final look, the rest over the interim looks as share/(k(k+1)) at look k
+    (a sum of at most the rest, however many looks there are). So stopping at the first
+    settled look keeps the family's false-alarm rate at most ``alpha``, and the end of the
+    budget -- where most gates end -- is not judged at a level shrunk by every earlier look."""
     if look < 1 or tests < 1:
         raise ValueError("look and tests must be >= 1")
-    return alpha / tests / (look * (look + 1))
+    if final:
+        return alpha * FINAL_SHARE / tests
+    return alpha * (1 - FINAL_SHARE) / tests / (look * (look + 1))
 
 
 def look_schedule(first: int, growth: float = 1.4, limit: int = 100_000) -> list[int]:
