@@ -216,6 +216,8 @@ def main(argv=None) -> int:
                     r["wall"].append(wall)
                     shown = ", ".join(k for k, v in sorted(flagged.items()) if v) or "nothing"
                     print(f"trial {t + 1}/{args.trials} {method}: {wall:.0f} s, flagged {shown}", file=sys.stderr)
+                if args.out:  # after every trial: a benchmark stopped early keeps what it measured
+                    Path(args.out).write_text(table(results, t + 1, fractions, args.load))
     finally:
         if loader is not None:
             loader.kill()

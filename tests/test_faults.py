@@ -735,6 +735,51 @@ def test_sys_exit_of_a_router_in_a_train_suite_is_an_error_row(tmp_path, monkeyp
     assert all(r["status"] == "ok" for r in rows if r["router"] != "exits_in_training")
 
 
+TRAIN_BAD_SUITE = """
+name: train_bad
+version: 1
+routers: [switch, out_of_range_in_training, nan_weights_in_training]
+grid: {experts: 4, top_k: 1, hidden: 8}
+train: {steps: 3, tokens_per_step: 32, task: [local_experts]}
+"""
+
+
+def test_a_bad_routing_in_a_train_suite_is_an_invalid_routing_row(tmp_path, monkeypatch):
+    # the routing is checked before combine reads it, as in `moebench run`: the row names the
+    # router's fault, and the healthy router beside it trains
+    from dataclasses import dataclass, replace
+
+    from moebench.cli import main
+    from moebench.routers.registry import ROUTERS
+    from moebench.routers.token_choice import Switch
+
+    @dataclass(frozen=True)
+    class OutOfRangeInTraining(Switch):
+        def route(self, inputs, ctx):
+            r = super().route(inputs, ctx)
+            return replace(r, expert_index=r.expert_index + 1000)
+
+    @dataclass(frozen=True)
+    class NanWeightsInTraining(Switch):
+        def route(self, inputs, ctx):
+            r = super().route(inputs, ctx)
+            return replace(r, weight=r.weight * float("nan"))
+
+    monkeypatch.setitem(ROUTERS._classes, "out_of_range_in_training", OutOfRangeInTraining)
+    monkeypatch.setitem(ROUTERS._classes, "nan_weights_in_training", NanWeightsInTraining)
+    suite = tmp_path / "train_bad.yaml"
+    suite.write_text(TRAIN_BAD_SUITE)
+    assert main(["run", str(suite), "--results", str(tmp_path / "r"), "--no-report"]) == 0
+    (run,) = (tmp_path / "r" / "train_bad").iterdir()
+    rows = {r["router"]: r for r in map(json.loads, (run / "rows.jsonl").read_text().splitlines())}
+    assert rows["switch"]["status"] == "ok"
+    bad = rows["out_of_range_in_training"]
+    assert bad["status"] == "error" and bad["reason"].startswith(
+        "InvalidRouting: router 'out_of_range_in_training': expert_index out of range [0, 4)"), bad["reason"]
+    nan = rows["nan_weights_in_training"]
+    assert nan["status"] == "error" and nan["reason"].startswith("InvalidRouting: ") and "weight" in nan["reason"]
+
+
 # ---------------------------------------- #23 item 16: timing.timeout_s without isolation
 
 def test_timeout_s_holds_without_isolation(tmp_path, monkeypatch):

@@ -6,9 +6,9 @@ verdict from all its cases: the median over its cases of B/A must exceed the thr
 gate's, else the rule's), the 95% CIs of the two medians must lie apart (B slower, by more than
 min_diff_ms) on at least ``consistency`` of its cases, that share must beat the share among all
 other medians of the device by ``margin`` (a busier machine slows every router) -- or, where the
-others moved too, the router's median ratio divided by the others' median ratio must itself exceed
-the threshold (a busier machine scales every time by about one factor; a router 10x slower on a
-machine 1.5x busier still stands out) -- and it needs ``min_cases`` cases (a single noisy cell
+others moved too, the router's median ratio divided by the 90th percentile of the others' ratios
+must itself exceed the threshold (a busier machine scales every time by about one factor, give or
+take its noise; a router 10x slower on a machine 1.5x busier still stands out) -- and it needs ``min_cases`` cases (a single noisy cell
 decides nothing). ``better`` mirrors it. The rows of a
 ``worse`` router whose CIs lie apart carry its verdict (and the regression, where gated); the
 other rows whose CIs lie apart say why they were taken for noise.
@@ -67,7 +67,7 @@ def _each_alone(vs, gate, noise, gated: bool) -> tuple[str, str]:
 
 def _as_router(vs, gate, noise, gated: bool, total: dict, device, others: float | None) -> tuple[str, str]:
     """The router's verdict from all its cases (the module docstring); sets its rows'.
-    ``others``: the median B/A over every other median of the device (None: there is none)."""
+    ``others``: the 90th percentile of B/A over every other median of the device (None: none)."""
     n, rest = len(vs), total[device, None] - len(vs)
     ratio = statistics.median(v.ratio for v in vs)
     diff_ms = statistics.median(v.diff_ms for v in vs)
@@ -85,7 +85,7 @@ def _as_router(vs, gate, noise, gated: bool, total: dict, device, others: float 
         elif len(hits) / n - background < noise.margin and not (
                 others and _stands_out(gate, noise, ratio / others, up)):
             reasons.append(f"{why}, and {background:.0%} of the other medians too"
-                           + (f" (median ratio {ratio:.3g}, theirs {others:.3g})" if others else ""))
+                           + (f" (median ratio {ratio:.3g}, their 90th percentile {others:.3g})" if others else ""))
         elif not _beyond(gate, noise, ratio, diff_ms, up):
             reasons.append(f"{why}, median ratio {ratio:.3g} within {_limit(gate, noise, up)}")
         else:
@@ -124,8 +124,9 @@ def judge_times(rows, noise, gates: dict, notes: list[str]) -> list[Group]:
         if noise.consistency <= 0:
             verdict, reason = _each_alone(vs, gate, noise, gated)
         else:
-            rest = [x for k, x in ratios[device] if k != (router, device, name)]
-            others = statistics.median(rest) if rest else None
+            rest = sorted(x for k, x in ratios[device] if k != (router, device, name))
+            # the others' 90th percentile: a router stands out from most of them, not from their middle
+            others = rest[min(len(rest) - 1, int(0.9 * len(rest)))] if rest else None
             verdict, reason = _as_router(vs, gate, noise, gated, total, device, others)
         lows = [v.interval[0] for v in vs if v.interval]
         highs = [v.interval[1] for v in vs if v.interval]

@@ -26,6 +26,7 @@ from torch import nn
 
 from moebench.routers.base import RouteContext, RouteInputs, Router, RouterState
 from moebench.core.routing import Routing
+from moebench.core.routing_check import check_routing
 
 
 def trainable(router: Router) -> Router:
@@ -102,15 +103,23 @@ class MoELayer(nn.Module):
         self.gate_b.requires_grad_(False)
 
     def forward(self, h: torch.Tensor, router: Router, ctx: RouteContext, token_ids=None, vocab_freq=None,
-                noise: torch.Tensor | None = None, ones: bool = False) -> tuple[torch.Tensor, Routing]:
+                noise: torch.Tensor | None = None, ones: bool = False,
+                name: str = "router") -> tuple[torch.Tensor, Routing]:
         """(y <float32>[T, out], routing) for h <float32>[T, d]; noise <float32>[T, E] is added
-        to the logits (gate noise while training)."""
+        to the logits (gate noise while training). The routing is checked (`check_routing`,
+        as `moebench run` checks it) before combine reads it: a plugin's out-of-range ids or NaN
+        weights become the row's InvalidRouting, named ``name``. Logits that are no longer
+        finite are the training's divergence, not the router's fault: FloatingPointError."""
         logits = self.logits(h)
         if noise is not None:
             logits = logits + noise
+        if not bool(torch.isfinite(logits.detach()).all()):
+            raise FloatingPointError("training diverged: the gate's logits are no longer finite")
         if self.phi is not None and ctx.state is not None:
             self._share_phi(router, h, ctx.state)
         routing = router.route(RouteInputs(logits, hidden=h, token_ids=token_ids, vocab_freq=vocab_freq), ctx)
+        with torch.no_grad():
+            check_routing(routing, name, finite=(logits,))
         if ones:  # moe-routing-bench's hard routers: y_t = sum over kept e of expert_e(h_t); the
             # routing itself (its weights decide the chosen expert for NMI) is what gets measured
             return self.combine(h, dataclasses.replace(routing, weight=torch.ones_like(routing.weight))), routing

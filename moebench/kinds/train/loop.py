@@ -70,8 +70,8 @@ def capacity_factor(setting, case: Case) -> float | None:
 class Trainer:
     """One training run: case x router x training seed."""
 
-    def __init__(self, case: Case, spec: TrainSpec, router: Router, seed: int):
-        self.case, self.spec, self.seed = case, spec, seed
+    def __init__(self, case: Case, spec: TrainSpec, router: Router, seed: int, name: str = "router"):
+        self.case, self.spec, self.seed, self.name = case, spec, seed, name
         self.device = torch.device(case.device)
         self.task = TASKS.create(case.workload.name, case.workload.params).build(case.hidden, case.seed)
         self.language = self.task.kind == "language"
@@ -131,7 +131,7 @@ class Trainer:
         """(task loss, routing, output) of one batch."""
         h = self.embed[data.ids] if self.language else data.x
         y, routing = self.layer(h, self.router, ctx, token_ids=data.ids, vocab_freq=self.vocab_freq, noise=noise,
-                                ones=self.ones)
+                                ones=self.ones, name=self.name)
         if self.language:
             logits = (h + y) @ self.head_w + self.head_b
             return F.cross_entropy(logits, data.y), routing
@@ -310,7 +310,7 @@ def train_router(case: Case, spec: TrainSpec, router_spec: NamedSpec, row: dict)
             return TrainRowResult(row, [])
         per_seed, learned = {}, None
         for seed in spec.seeds:
-            trainer = Trainer(case, spec, router, seed)
+            trainer = Trainer(case, spec, router, seed, router_spec.display)
             records = trainer.run()
             learned = trainer.gate_learns
             per_seed[seed] = records
