@@ -136,7 +136,8 @@ class _NullWorker:
         return {"ms": list(np.exp(self.rng.normal(0.0, self.sd, req["calls"])))}
 
 
-def _null_family_alarms(sims: int, alpha: float, groups: int, rounds: int, seed: int = 0) -> float:
+def _null_family_alarms(sims: int, alpha: float, groups: int, rounds: int, seed: int = 0,
+                        rotate: bool = False) -> float:
     """Share of simulated `ab` runs of identical sides (min_effect 0) in which any group got a
     verdict other than undecided: interim looks on the driver's schedule, then the final look."""
     from moebench.compare.ab.driver import Driver, Settings
@@ -148,6 +149,8 @@ def _null_family_alarms(sims: int, alpha: float, groups: int, rounds: int, seed:
                  for g in range(groups) for c in range(2)]
         driver = Driver((_NullWorker(rng, 0.3), _NullWorker(rng, 0.3)), make_groups(cells),
                         Settings(alpha=alpha, min_effect=0.0, seed=sim), progress=lambda text: None)
+        for g in driver.groups:
+            g.rotating = rotate
         for _ in range(rounds):
             driver._round()
             if driver.rounds in driver.schedule:
@@ -157,11 +160,28 @@ def _null_family_alarms(sims: int, alpha: float, groups: int, rounds: int, seed:
     return alarms / sims
 
 
-def test_sequential_looks_keep_the_family_false_alarm_rate_under_alpha():
-    # 4 router-phases, 5 interim looks (pairs 7, 10, 14, 20, 28) and a final one at 40: the
-    # family's alarms (any wrong verdict at any look) stay within alpha, with 3 sigma of slack
-    rate = _null_family_alarms(sims=300, alpha=0.2, groups=4, rounds=40)
+@pytest.mark.parametrize("rotate", [False, True])
+def test_sequential_looks_keep_the_family_false_alarm_rate_under_alpha(rotate):
+    # 4 router-phases, interim looks on the schedule and a final one at 40 pairs: the family's
+    # alarms (any wrong verdict at any look) stay within alpha, with 3 sigma of slack; rotating
+    # (one case per group and round) as well as averaging both cases each round
+    rate = _null_family_alarms(sims=300, alpha=0.2, groups=4, rounds=40, rotate=rotate)
     assert rate <= 0.2 + 3 * math.sqrt(0.2 * 0.8 / 300), rate
+
+
+def test_rotation_cycles_the_cases_and_alternates_the_first_side():
+    from moebench.compare.ab.driver import Driver, Settings
+
+    cells = [Cell(f"k{c}", f"c{c}", "r", "route", "cpu", (c, c), (1.0, 1.0), 2, 0) for c in range(3)]
+    driver = Driver((_NullWorker(np.random.default_rng(0), 0.1), _NullWorker(np.random.default_rng(1), 0.1)),
+                    make_groups(cells), Settings(seed=0), progress=lambda text: None)
+    (g,) = driver.groups
+    g.rotating = True
+    for _ in range(6):
+        driver._round()
+    assert [len(c.pairs) for c in cells] == [2, 2, 2]  # one case a round, each in turn
+    assert all([p[2] for p in c.pairs] == [0, 1] for c in cells)  # A first, then B first, per case
+    assert len(g.round_values()) == 6 == driver.rounds
 
 
 # --- the pull-request recipe, end to end --------------------------------------------------------
@@ -195,9 +215,9 @@ def scratch_repo(tmp_path):
     return repo
 
 
-# the issue asks for 10%; on a shared, loaded 2-core machine that is not reliably detected in a short
-# budget (docs/ci.md: the power table), so this end-to-end test injects 30% (set MOEBENCH_AB_SLOWDOWN)
-SLOWDOWN = float(os.environ.get("MOEBENCH_AB_SLOWDOWN", "0.3"))
+# the issue's 10% (MOEBENCH_AB_SLOWDOWN to try others); --fail-fast stops at the first `slower`, so
+# the 150 s budget is a ceiling, not the cost. --alpha 0.01: this test runs in every CI job
+SLOWDOWN = float(os.environ.get("MOEBENCH_AB_SLOWDOWN", "0.1"))
 BUDGET_S = os.environ.get("MOEBENCH_AB_BUDGET_S", "60")  # the unchanged pair spends it all (nothing settles "same" fast)
 
 
@@ -205,7 +225,7 @@ def test_pr_recipe_end_to_end(scratch_repo, tmp_path):
     repo, results = scratch_repo, tmp_path / "results"
     _git(repo, "commit", "-q", "--allow-empty", "-m", "an unrelated change")
 
-    same = _ab(repo, results, "--base", "HEAD~1", "--budget-s", BUDGET_S)
+    same = _ab(repo, results, "--base", "HEAD~1", "--budget-s", BUDGET_S, "--alpha", "0.01")
     assert same.returncode == 0, same.stdout + same.stderr
     assert "result: PASS" in same.stdout
     abjson = json.loads(next(results.glob("ab/abtest/*/ab.json")).read_text())
@@ -214,7 +234,8 @@ def test_pr_recipe_end_to_end(scratch_repo, tmp_path):
     assert "moebench-ab-" not in _git(repo, "worktree", "list")
 
     _slow_down(repo, SLOWDOWN, "2")
-    slow = _ab(repo, results, "--base", "HEAD~1", "--budget-s", "150", "--fail-fast", "--json", str(tmp_path / "ab.json"))
+    slow = _ab(repo, results, "--base", "HEAD~1", "--budget-s", "150", "--fail-fast", "--alpha", "0.01",
+               "--json", str(tmp_path / "ab.json"))
     assert slow.returncode == 1, slow.stdout + slow.stderr
     latest = sorted(results.glob("ab/abtest/*/ab.json"))[-1]
     doc = json.loads(latest.read_text())
@@ -236,6 +257,13 @@ def test_pr_recipe_end_to_end(scratch_repo, tmp_path):
     assert "moebench-ab-" not in _git(repo, "worktree", "list")
 
 
+@pytest.mark.parametrize("phases", ["rout", "", "route,,x"])
+def test_bad_phases_are_one_line_error(scratch_repo, tmp_path, phases):
+    done = _ab(scratch_repo, tmp_path / "r", "--base", "HEAD", "--phases", phases)
+    assert done.returncode == 2 and done.stderr.strip().startswith("moebench: error: ab: --phases"), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
 def test_bad_revision_is_one_line_error(scratch_repo, tmp_path):
     done = _ab(scratch_repo, tmp_path / "r", "--base", "no-such-ref", "--budget-s", "30")
     assert done.returncode == 2
@@ -250,11 +278,14 @@ def test_duet_stops_once_every_verdict_is_settled(scratch_repo, tmp_path):
         pytest.skip("duet needs two cores")
     results = tmp_path / "results"
     done = _ab(scratch_repo, results, "--base", "HEAD", "--head", "HEAD", "--mode", "duet",
-               "--min-effect", "0.5", "--budget-s", "240")
+               "--min-effect", "0.5", "--budget-s", "240", "--phases", "combine,route")
     assert done.returncode == 0, done.stdout + done.stderr
     doc = json.loads(next(results.glob("ab/abtest/*/ab.json")).read_text())
     assert doc["mode"] == "duet" and doc["stopped_by"] == "settled", doc["looks"]
     assert {r["verdict"] for r in doc["summary"]} == {"same"}
+    assert doc["phases"] == ["route", "combine"] and {c["phase"] for c in doc["cells"]} == {"route", "combine"}
+    assert {(r["router"], r["phase"]) for r in doc["summary"]} == {(r, p) for r in ("topk", "plugin")
+                                                                   for p in ("route", "combine")}
     assert doc["pairs"] == doc["looks"][-1]["pairs"] < 40
     assert {p["first"] for c in doc["cells"] for p in c["pairs"]} == {"A", "B"}  # cores swapped
 

@@ -214,7 +214,8 @@ def test_kill9_at_random_moments_then_resume_equals_uninterrupted(ctx, suite_fil
         run.rows(), run.batches(), run.loads()
         if proc.exitcode == 0:  # finished before the kill: check it and start a fresh chain
             finished.append(run_dir)
-            root, run_dir = tmp_path / f"r{kills}", None
+            # a root of its own per chain: two runs in a row can finish before their kill
+            root, run_dir = tmp_path / f"r{len(finished)}", None
             continue
         # meta says 'running' (nothing wrote the end), the pid is gone: a reader says interrupted
         # ('complete' if the kill landed after the last write)

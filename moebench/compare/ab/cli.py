@@ -22,6 +22,12 @@ def add_parser(sub, fn) -> None:
     ab.add_argument("--block-ms", type=float, metavar="MS", help="target time of one block of calls (default 5)")
     ab.add_argument("--block-stat", choices=("median", "min"),
                     help="a block's value: its median call (default) or its fastest (less noise, blind to rare stalls)")
+    ab.add_argument("--phases", metavar="LIST",
+                    help="comma-separated timed phases to gate (default route,dispatch,combine); fewer phases, "
+                         "fewer router-phases to share the budget and alpha: more power for the rest")
+    ab.add_argument("--rotate", choices=("auto", "on", "off"),
+                    help="time one case per router-phase and round, cycling (default auto: when full rounds "
+                         "over every case would not fit three looks in the budget)")
     ab.add_argument("--fail-fast", action="store_true", help="stop at the first look that finds a router-phase slower")
     ab.add_argument("--quick", action="store_true", help="smoke sizes (as moebench run --quick)")
     ab.add_argument("--device", choices=("cpu", "cuda", "all"), help="override the suite's devices")

@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import TextIO
 
 from moebench.compare.ab import DEFAULT_BUDGET_S
-from moebench.compare.ab.driver import BLOCK_STATS, MODES, Driver, Settings, make_cells, make_groups
+from moebench.compare.ab.driver import BLOCK_STATS, MODES, ROTATE, Driver, Settings, make_cells, make_groups
 from moebench.compare.ab.outcome import Outcome, format_text, side_rows, write_ab_json, write_side
 from moebench.compare.ab.protocol import LOAD_TIMEOUT_S, SideWorker, worker_env
 from moebench.compare.ab.sides import assert_distinct, close_side, open_side, repository, side_paths
 from moebench.compare.verdicts import compare_runs
 from moebench.core.errors import MoebenchError, Terminated, sigterm_as_interrupt
 from moebench.core.paths import output_problem, under, write_output
+from moebench.core.rows import PHASES
 from moebench.store.runs import new_run_id, utc_now
 
 STOPPED = {"settled": "every verdict settled", "budget": "budget spent", "regression": "stopped at the first slower"}
@@ -56,15 +57,31 @@ class ABOptions:
     details: bool = False
     block_stat: str = "median"
     fail_fast: bool = False
+    phases: str | None = None  # comma-separated subset of PHASES (None: all)
+    rotate: str = "auto"
     json: str | None = None  # also write ab.json's content here
     command: str = ""
 
 
+def phases_of(o: ABOptions) -> tuple[str, ...]:
+    """The phases to time: ``--phases`` checked against PHASES (in PHASES' order)."""
+    if o.phases is None:
+        return PHASES
+    asked = [p.strip() for p in o.phases.split(",") if p.strip()]
+    wrong = [p for p in asked if p not in PHASES]
+    if wrong or not asked:
+        raise MoebenchError(f"ab: --phases {o.phases!r}: expected a comma-separated list of {', '.join(PHASES)}")
+    return tuple(p for p in PHASES if p in asked)
+
+
 def check_options(o: ABOptions) -> None:
+    phases_of(o)
     if o.base is None and o.base_python is None:
         raise MoebenchError("ab: --base REF (a git revision) or --base-python PY is required")
     if o.block_stat not in BLOCK_STATS:
         raise MoebenchError(f"ab: --block-stat {o.block_stat!r}: expected one of {', '.join(BLOCK_STATS)}")
+    if o.rotate not in ROTATE:
+        raise MoebenchError(f"ab: --rotate {o.rotate!r}: expected one of {', '.join(ROTATE)}")
     if o.mode not in MODES:
         raise MoebenchError(f"ab: --mode {o.mode!r}: expected one of {', '.join(MODES)}")
     for flag, value, low, high in (("--min-effect", o.min_effect, 0.0, 1.0), ("--alpha", o.alpha, 1e-9, 0.5),
@@ -126,17 +143,19 @@ def _run(o: ABOptions, out: TextIO, err: TextIO) -> int:
             loaded = [w.receive(LOAD_TIMEOUT_S, "load") for w in workers]
             seed = o.seed if o.seed is not None else secrets.randbelow(2**31)  # recorded: a run can be replayed
             rng = random.Random(seed)
-            cells = make_cells(loaded[0]["cells"], loaded[1]["cells"], o.block_ms, rng)
+            phases = phases_of(o)
+            cells = [c for c in make_cells(loaded[0]["cells"], loaded[1]["cells"], o.block_ms, rng) if c.phase in phases]
             groups = make_groups(cells)
             settings = Settings(o.mode, o.alpha, o.min_effect, o.block_ms, o.warmup, seed=seed,
-                                block_stat=o.block_stat, fail_fast=o.fail_fast)
+                                block_stat=o.block_stat, fail_fast=o.fail_fast, rotate=o.rotate)
             driver = Driver((workers[0], workers[1]), groups, settings, cores,
                             progress=lambda text: print(text, file=err))
             print(f"ab: {len(cells)} cells ({len(groups)} router-phases) timed {o.mode}, "
                   f"{max(0.0, deadline - time.monotonic()):.0f} s left for pairs", file=err)
             driver.run(deadline)
             print(f"ab: blocks of {driver.block_ms:.2g} ms (+{driver.overhead_ms or 0:.2g} ms a block to "
-                  "reach the worker)", file=err)
+                  "reach the worker)" + ("; one case per router-phase and round (rotating)"
+                                         if any(g.rotating for g in groups) else ""), file=err)
         except BaseException:
             for w in workers:
                 w.kill()
@@ -152,7 +171,7 @@ def _run(o: ABOptions, out: TextIO, err: TextIO) -> int:
     rows = [side_rows(ld["rows"], cells, i, ld["cells"]) for i, ld in enumerate(loaded)]
     deterministic = compare_runs((metas[0], rows[0]), (metas[1], rows[1]), metrics="deterministic")
     notes = []
-    missing = [c for c in loaded[0]["cells"] if c.get("status") == "ok"]
+    missing = [c for c in loaded[0]["cells"] if c.get("status") == "ok" and c["phase"] in phases]
     if len(missing) != len(cells):
         notes.append(f"{len(missing) - len(cells)} cells timed on A only (skipped or missing on B)")
     if driver.stopped_by == "budget" and driver.active():
@@ -169,12 +188,15 @@ def _run(o: ABOptions, out: TextIO, err: TextIO) -> int:
               "started_at": started, "ended_at": utc_now(), "wall_s": wall, "budget_s": o.budget_s,
               "stopped_by": driver.stopped_by, "looks": driver.looks, "block_ms": driver.block_ms,
               "block_ms_asked": o.block_ms, "block_overhead_ms": driver.overhead_ms, "warmup": o.warmup,
-              "seed": seed, "command": o.command}
+              "seed": seed, "phases": list(phases), "rotated": any(g.rotating for g in groups),
+              "command": o.command}
     write_ab_json(folder / "ab.json", outcome, record)
     if o.json:
         write_output(o.json, (folder / "ab.json").read_text(encoding="utf-8"), "--json")
     header = [f"moebench ab {metas[1].get('suite')}: A = {sides[0].describe()}, B = {sides[1].describe()}; "
-              f"{len(cells)} cells, {driver.rounds} pairs {o.mode}, {wall:.0f} s "
+              f"{len(cells)} cells, {driver.rounds} pairs {o.mode}"
+              f"{' (rotating: one case per router-phase a round)' if any(g.rotating for g in groups) else ''}, "
+              f"{wall:.0f} s "
               f"({STOPPED[driver.stopped_by]})"]
     out.write(format_text(outcome, header, o.details))
     out.write(f"ab: {folder / 'ab.json'} (runs {folder / 'A'} and {folder / 'B'})\n")

@@ -12,7 +12,15 @@ once on each side, in a fresh random order of cells:
 - duet: A and B run the cell's block at the same time, each worker pinned to a core of its
   own with one thread; the two cores are swapped every round (ABBA over the cores).
 
-A group's round value is the mean over its cases of log(B/A); its verdict comes from the
+A suite with many cases (quickstart: 32 per router-phase) could not give a budget more than a
+handful of such rounds, too few for any interval. Then the driver *rotates*: a round times one
+case per group, the next case of the group's shuffled cycle, and each pair is one value of the
+group (``--rotate``: auto, on or off; auto rotates when full rounds would not reach TARGET_LOOKS
+looks in the budget). Under identical code every case's log(B/A) is symmetric about 0, so the
+signed-rank test of the pooled values keeps its level; a slowdown shifts them all.
+
+A group's round value is the mean over its cases of log(B/A) (rotating: the one case's); its
+verdict comes from the
 Hodges-Lehmann shift of those values and their signed-rank interval at the level that
 `stats.look_alpha` allows at that look (Bonferroni over the groups; half of alpha spent over the
 interim looks as alpha/2/(k(k+1)) at look k, half kept for the look when the budget ends):
@@ -33,6 +41,7 @@ from moebench.compare.ab.protocol import SideWorker
 from moebench.compare.ab.stats import Interval, look_alpha, look_schedule, min_pairs, shift_interval, verdict
 
 MODES = ("interleaved", "duet")
+ROTATE = ("auto", "on", "off")
 MAX_CALLS = 10_000
 TARGET_LOOKS = 3  # the budget should allow this many looks; blocks shrink (to MIN_BLOCK_MS) until it does
 MIN_BLOCK_MS = 1.0
@@ -81,8 +90,14 @@ class Group:
     def settled(self) -> bool:
         return self.settled_at is not None
 
+    rotating: bool = False
+    turn: int = 0  # rotating: the next case of ``cells`` (shuffled once) to time
+    values: list[float] = field(default_factory=list)  # rotating: log(B/A) of each pair, in order
+
     def round_values(self) -> list[float]:
-        """Per round, the mean over the cases of log(B/A)."""
+        """Per round, the mean over the cases of log(B/A) (rotating: the pair's own)."""
+        if self.rotating:
+            return list(self.values)
         per_cell = [c.log_ratios() for c in self.cells]
         n = min(len(r) for r in per_cell)
         return [statistics.fmean(r[i] for r in per_cell) for i in range(n)]
@@ -100,6 +115,7 @@ class Settings:
     seed: int | None = None
     block_stat: str = "median"
     fail_fast: bool = False  # stop at the first look with a slower verdict
+    rotate: str = "auto"  # one case per group and round: "on", "off", or "auto" (when full rounds do not fit)
 
 
 def make_cells(cells_a: list[dict], cells_b: list[dict], block_ms: float, rng: random.Random) -> list[Cell]:
@@ -206,9 +222,23 @@ class Driver:
         self.overhead_ms = overhead_ms
         for cell in cells:
             cell.calls = calls_for(self.block_ms, cell.est_ms)
+        full_round_ms = sum(2 * overhead_ms + c.calls * (c.est_ms[0] + c.est_ms[1]) for c in cells)
+        rotate = self.s.rotate == "on" or (self.s.rotate == "auto" and full_round_ms * rounds > left_ms)
+        if rotate:  # blocks back to block_ms: a round is now one case per group
+            self.block_ms = self.s.block_ms
+            for g in self.groups:
+                g.rotating = len(g.cells) > 1
+                self.rng.shuffle(g.cells)
+                for cell in g.cells:
+                    cell.calls = calls_for(self.block_ms, cell.est_ms)
 
     def _round(self) -> None:
-        cells = [c for g in self.active() for c in g.cells]
+        cells, owner = [], {}
+        for g in self.active():
+            mine = [g.cells[g.turn % len(g.cells)]] if g.rotating else g.cells
+            g.turn += g.rotating
+            cells += mine
+            owner.update({id(c): g for c in mine})
         self.rng.shuffle(cells)
         duet = self.s.mode == "duet"
         flip = (self.rounds + self.core_start) % 2
@@ -217,7 +247,8 @@ class Driver:
             self.a.request({"op": "pin", "cores": [ca]})
             self.b.request({"op": "pin", "cores": [cb]})
         for cell in cells:
-            first = (cell.start + self.rounds) % 2  # 0: A first / A on the first core
+            # 0: A first; alternating over the cell's own pairs (a rotating cell skips rounds)
+            first = (cell.start + len(cell.pairs)) % 2
             req = [{"op": "block", "cell": cell.index[i], "calls": cell.calls, "warmup": self.s.warmup}
                    for i in (0, 1)]
             if duet:
@@ -233,6 +264,8 @@ class Driver:
             stat = BLOCK_STATS[self.s.block_stat]
             med_a, med_b = stat(ms_a), stat(ms_b)
             cell.pairs.append((med_a, med_b, flip if duet else first))
+            if owner[id(cell)].rotating:
+                owner[id(cell)].values.append(math.log(med_b / med_a) if med_a > 0 and med_b > 0 else math.nan)
             cell.fastest.append((min(ms_a), min(ms_b)))
             cell.blocks[0].append(med_a)
             cell.blocks[1].append(med_b)
