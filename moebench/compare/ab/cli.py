@@ -28,6 +28,8 @@ def add_parser(sub, fn) -> None:
     ab.add_argument("--rotate", choices=("auto", "on", "off"),
                     help="time one case per router-phase and round, cycling (default auto: when full rounds "
                          "over every case would not fit three looks in the budget)")
+    ab.add_argument("--no-relayout", dest="relayout", action="store_false", default=None,
+                    help="keep each cell's buffers for the whole run (default: built again for every block)")
     ab.add_argument("--fail-fast", action="store_true", help="stop at the first look that finds a router-phase slower")
     ab.add_argument("--quick", action="store_true", help="smoke sizes (as moebench run --quick)")
     ab.add_argument("--device", choices=("cpu", "cuda", "all"), help="override the suite's devices")

@@ -59,6 +59,7 @@ class ABOptions:
     fail_fast: bool = False
     phases: str | None = None  # comma-separated subset of PHASES (None: all)
     rotate: str = "auto"
+    relayout: bool = True
     json: str | None = None  # also write ab.json's content here
     command: str = ""
 
@@ -147,7 +148,8 @@ def _run(o: ABOptions, out: TextIO, err: TextIO) -> int:
             cells = [c for c in make_cells(loaded[0]["cells"], loaded[1]["cells"], o.block_ms, rng) if c.phase in phases]
             groups = make_groups(cells)
             settings = Settings(o.mode, o.alpha, o.min_effect, o.block_ms, o.warmup, seed=seed,
-                                block_stat=o.block_stat, fail_fast=o.fail_fast, rotate=o.rotate)
+                                block_stat=o.block_stat, fail_fast=o.fail_fast, rotate=o.rotate,
+                                relayout=o.relayout)
             driver = Driver((workers[0], workers[1]), groups, settings, cores,
                             progress=lambda text: print(text, file=err))
             print(f"ab: {len(cells)} cells ({len(groups)} router-phases) timed {o.mode}, "
@@ -189,6 +191,7 @@ def _run(o: ABOptions, out: TextIO, err: TextIO) -> int:
               "stopped_by": driver.stopped_by, "looks": driver.looks, "block_ms": driver.block_ms,
               "block_ms_asked": o.block_ms, "block_overhead_ms": driver.overhead_ms, "warmup": o.warmup,
               "seed": seed, "phases": list(phases), "rotated": any(g.rotating for g in groups),
+              "relayout": o.relayout,
               "command": o.command}
     write_ab_json(folder / "ab.json", outcome, record)
     if o.json:

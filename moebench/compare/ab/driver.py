@@ -7,8 +7,11 @@ once on each side, in a fresh random order of cells:
 
 - interleaved (default): A's block and B's block of a cell back to back, the side that goes
   first alternating from round to round from a random start (ABBA...), the idle side's worker
-  waiting on its pipe. A block is ``warmup`` untimed calls then ``calls`` timed ones, each
-  with the side's own clock (`moebench run`'s), its value the median of the calls.
+  waiting on its pipe. A block builds the cell's phase again (fresh buffers behind a heap
+  spacer of random size: each process's memory layout otherwise stays fixed for the run, a
+  bias of up to 10% between two workers of identical code on a 50 us combine), then makes
+  ``warmup`` untimed calls and ``calls`` timed ones, each with the side's own clock (`moebench
+  run`'s), its value the median of the calls.
 - duet: A and B run the cell's block at the same time, each worker pinned to a core of its
   own with one thread; the two cores are swapped every round (ABBA over the cores).
 
@@ -116,6 +119,7 @@ class Settings:
     block_stat: str = "median"
     fail_fast: bool = False  # stop at the first look with a slower verdict
     rotate: str = "auto"  # one case per group and round: "on", "off", or "auto" (when full rounds do not fit)
+    relayout: bool = True  # each block builds its phase again (fresh buffers): layout bias becomes noise
 
 
 def make_cells(cells_a: list[dict], cells_b: list[dict], block_ms: float, rng: random.Random) -> list[Cell]:
@@ -249,8 +253,8 @@ class Driver:
         for cell in cells:
             # 0: A first; alternating over the cell's own pairs (a rotating cell skips rounds)
             first = (cell.start + len(cell.pairs)) % 2
-            req = [{"op": "block", "cell": cell.index[i], "calls": cell.calls, "warmup": self.s.warmup}
-                   for i in (0, 1)]
+            req = [{"op": "block", "cell": cell.index[i], "calls": cell.calls, "warmup": self.s.warmup,
+                    "relayout": self.s.relayout} for i in (0, 1)]
             if duet:
                 self.a.send(req[0])
                 self.b.send(req[1])

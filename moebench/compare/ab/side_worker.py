@@ -20,7 +20,10 @@ pointed at stderr, so a router that prints cannot corrupt the answers.
     -> {"op": "load", "suite", "quick", "device", "threads", "run_id", "suite_name"}
     <- {"ok": true, "meta": {...}, "rows": [row, ...], "cells": [{"key", "case_id", "router",
         "phase", "device", "status", "reason", "est_ms"}, ...]}
-    -> {"op": "block", "cell": i, "calls": n, "warmup": w}     <- {"ok": true, "ms": [..]}
+    -> {"op": "block", "cell": i, "calls": n, "warmup": w, "relayout": bool}     <- {"ok": true, "ms": [..]}
+       (relayout: build the cell's phase again first, fresh buffers behind a heap spacer of random
+       size, so this process's memory layout -- a bias of up to 10% on a tiny kernel, identical
+       code on both sides -- varies from block to block instead of staying fixed for the run)
     -> {"op": "pin", "cores": [c, ...]}                       <- {"ok": true}
     -> {"op": "stop"}                                          (exits)
 Any failure: {"ok": false, "error": "one line"}.
@@ -29,6 +32,7 @@ Any failure: {"ok": false, "error": "one line"}.
 import importlib
 import json
 import os
+import random
 import sys
 import traceback
 from dataclasses import replace
@@ -80,8 +84,10 @@ class Side:
     """What the worker holds between requests: the prepared phase calls of every cell."""
 
     def __init__(self):
-        self.cells = []  # [(timed call, clock)] in the order of the "cells" answer
+        self.cells = []  # [(timed call, clock, rebuild)] in the order of the "cells" answer
         self.torch = None
+        self.spacer = None  # relayout: a random-size allocation kept until the next one
+        self.rng = random.Random()
 
     def load(self, req):
         settle = _api("settle", required=False)
@@ -141,8 +147,9 @@ class Side:
                 yield row, cells
                 continue
             spec = specs[row["router"]]
+            rebuilds = {}
             try:
-                phases = self._phases(case, timing, runner, spec)
+                phases = self._phases(case, timing, runner, spec, rebuilds)
             except Exception as exc:  # noqa: BLE001 - a router the timing cannot build: its row says why
                 phases = {p: (None, f"{type(exc).__name__}: {exc}") for p in PHASES}
             for phase, (call, reason) in phases.items():
@@ -153,13 +160,14 @@ class Side:
                     clock = _api("clock_for")(case.device)
                     cell["est_ms"] = sorted(clock.time_call(call) for _ in range(EST_CALLS))[EST_CALLS // 2]
                     cell["index"] = len(self.cells)
-                    self.cells.append((call, clock))
+                    self.cells.append((call, clock, rebuilds[phase]))
                 cells.append(cell)
             yield row, cells
 
-    def _phases(self, case, timing, runner, spec):
+    def _phases(self, case, timing, runner, spec, rebuilds):
         """{phase: (prepared call or None, reason)} on batch 0 with the runner's context: the
-        route generator of the case seed's router stream, capacity by the case's rule."""
+        route generator of the case seed's router stream, capacity by the case's rule.
+        ``rebuilds[phase]``: a function that builds the phase's call again (fresh buffers)."""
         torch = self.torch
         router = _api("ROUTERS").create(spec.name, spec.params)
         inputs = runner.inputs()[0]
@@ -181,13 +189,21 @@ class Side:
                 continue
             generators = (timed_ctx.generator,) if phase == "route" and timed_ctx.generator is not None else ()
             call = _api("prepare")(fn, timing.mode, case.device, generators)
+            # eager only: a compiled or captured call built again would compile or capture again
+            rebuilds[phase] = (lambda b=builders[phase], g=generators: _api("prepare")(b(), timing.mode, case.device, g)
+                               ) if timing.mode == "eager" else None
             for _ in range(max(0, timing.warmup_rounds)):
                 call()
             out[phase] = (call, None)
         return out
 
     def block(self, req):
-        call, clock = self.cells[req["cell"]]
+        call, clock, rebuild = self.cells[req["cell"]]
+        if req.get("relayout") and rebuild is not None:
+            self.spacer = None
+            self.spacer = self.torch.empty(self.rng.randrange(1, 1 << 16), dtype=self.torch.uint8)
+            call = rebuild()
+            self.cells[req["cell"]] = (call, clock, rebuild)
         for _ in range(int(req.get("warmup", 1))):
             call()
         return {"ok": True, "ms": [clock.time_call(call) for _ in range(int(req["calls"]))]}
