@@ -65,8 +65,11 @@ def test_fast_finish_equals_the_general_path(t, e, k, seed, policy, cap, ties):
 def test_out_of_range_ids_raise_invalid_routing_in_finish(offset, cap, policy):
     router = fault_routers.OffsetIds(offset=offset)
     ctx = RouteContext(top_k=2, capacity=cap, drop_policy=policy)
+    logits = torch.randn(9, 4, generator=torch.Generator().manual_seed(0))
+    logits[0] = torch.tensor([9.0, 8.0, 0.0, 0.0])  # experts 0 and 3 chosen somewhere: offsets -1 and 10 leave [0, 4)
+    logits[1] = torch.tensor([0.0, 0.0, 8.0, 9.0])
     with pytest.raises(InvalidRouting, match=r"expert_index out of range \[0, 4\)"):
-        router.route(RouteInputs(torch.randn(9, 4)), ctx)
+        router.route(RouteInputs(logits), ctx)
 
 
 def test_capacity_kernels_bound_check_and_write_nothing_out_of_bounds():
