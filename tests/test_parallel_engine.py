@@ -174,3 +174,17 @@ def test_start_method_is_checked_before_any_rank_starts(monkeypatch):
         launch._start_method()
     monkeypatch.delenv("MOEBENCH_START_METHOD")
     assert launch._start_method() == "forkserver"
+
+
+def test_quiet_launcher_silences_child_loggers_with_levels_of_their_own():
+    # torch's elastic module loggers carry their own level: setting only the parent let
+    # "Received 15 death signal, shutting down workers" through on every SIGTERM'd parallel run
+    import logging
+
+    from moebench.kinds.parallel.launch import _quiet_launcher
+
+    child = logging.getLogger("torch.distributed.elastic.agent.server.api")
+    child.setLevel(logging.WARNING)
+    with _quiet_launcher():
+        assert not child.isEnabledFor(logging.WARNING) and child.isEnabledFor(logging.CRITICAL)
+    assert child.level == logging.WARNING

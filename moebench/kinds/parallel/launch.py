@@ -41,8 +41,11 @@ def torchrun_rank() -> int | None:
 
 @contextmanager
 def _quiet_launcher():
-    """The elastic agent logs every start and stop; keep only its errors."""
-    names = ("torch.distributed.elastic", "torch.distributed.launcher")
+    """The elastic agent logs every start and stop; keep only its errors. Its module loggers
+    carry levels of their own ("Received 15 death signal, shutting down workers" is a warning of
+    `...elastic.agent.server.api`), so each existing one is set, not only the parents."""
+    prefixes = ("torch.distributed.elastic", "torch.distributed.launcher")
+    names = set(prefixes) | {n for n in list(logging.root.manager.loggerDict) if n.startswith(prefixes)}
     old = {n: logging.getLogger(n).level for n in names}
     for n in names:
         logging.getLogger(n).setLevel(logging.CRITICAL)
