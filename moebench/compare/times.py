@@ -7,9 +7,10 @@ gate's, else the rule's), the 95% CIs of the two medians must lie apart (B slowe
 min_diff_ms) on at least ``consistency`` of its cases, that share must beat the share among all
 other medians of the device by ``margin`` (a busier machine slows every router) -- or, where the
 others moved too, the router's median ratio divided by the 90th percentile of the others' ratios
-must itself exceed the threshold (a busier machine scales every time by about one factor, give or
-take its noise; a router 10x slower on a machine 1.5x busier still stands out) -- and it needs ``min_cases`` cases (a single noisy cell
-decides nothing). ``better`` mirrors it. The rows of a
+(10th, for faster) must itself exceed the threshold (a busier machine scales every time by about
+one factor, give or take its noise; a router 10x slower on a machine 1.5x busier still stands
+out) -- and it needs ``min_cases`` cases (a single noisy cell decides nothing). ``better``
+mirrors it. The rows of a
 ``worse`` router whose CIs lie apart carry its verdict (and the regression, where gated); the
 other rows whose CIs lie apart say why they were taken for noise.
 
@@ -65,14 +66,16 @@ def _each_alone(vs, gate, noise, gated: bool) -> tuple[str, str]:
     return verdict, f"{worse or better} of {len(vs)} cases {'faster' if better and not worse else 'slower'}, each judged alone"
 
 
-def _as_router(vs, gate, noise, gated: bool, total: dict, device, others: float | None) -> tuple[str, str]:
+def _as_router(vs, gate, noise, gated: bool, total: dict, device, edges: tuple | None) -> tuple[str, str]:
     """The router's verdict from all its cases (the module docstring); sets its rows'.
-    ``others``: the 90th percentile of B/A over every other median of the device (None: none)."""
+    ``edges``: the (10th, 90th) percentiles of B/A over every other median of the device
+    (None: there is none); slower is judged against the 90th, faster against the 10th."""
     n, rest = len(vs), total[device, None] - len(vs)
     ratio = statistics.median(v.ratio for v in vs)
     diff_ms = statistics.median(v.diff_ms for v in vs)
     reasons = []
     for kind, up in (("slower", True), ("faster", False)):
+        others = edges[up] if edges else None
         hits = [v for v in vs if v.apart == kind]
         if not hits:
             continue
@@ -85,7 +88,8 @@ def _as_router(vs, gate, noise, gated: bool, total: dict, device, others: float 
         elif len(hits) / n - background < noise.margin and not (
                 others and _stands_out(gate, noise, ratio / others, up)):
             reasons.append(f"{why}, and {background:.0%} of the other medians too"
-                           + (f" (median ratio {ratio:.3g}, their 90th percentile {others:.3g})" if others else ""))
+                           + (f" (median ratio {ratio:.3g}, their {'90th' if up else '10th'} percentile {others:.3g})"
+                              if others else ""))
         elif not _beyond(gate, noise, ratio, diff_ms, up):
             reasons.append(f"{why}, median ratio {ratio:.3g} within {_limit(gate, noise, up)}")
         else:
@@ -125,9 +129,9 @@ def judge_times(rows, noise, gates: dict, notes: list[str]) -> list[Group]:
             verdict, reason = _each_alone(vs, gate, noise, gated)
         else:
             rest = sorted(x for k, x in ratios[device] if k != (router, device, name))
-            # the others' 90th percentile: a router stands out from most of them, not from their middle
-            others = rest[min(len(rest) - 1, int(0.9 * len(rest)))] if rest else None
-            verdict, reason = _as_router(vs, gate, noise, gated, total, device, others)
+            # the others' edges: a router stands out from most of them, not from their middle
+            edges = (rest[int(0.1 * len(rest))], rest[min(len(rest) - 1, int(0.9 * len(rest)))]) if rest else None
+            verdict, reason = _as_router(vs, gate, noise, gated, total, device, edges)
         lows = [v.interval[0] for v in vs if v.interval]
         highs = [v.interval[1] for v in vs if v.interval]
         regression = any(v.regression for v in vs)
