@@ -379,3 +379,41 @@ def sinkhorn_scale(kernel: torch.Tensor, tol: float, max_iters: int):
     fn = _numba_sinkhorn.sinkhorn_iterate if parallel else _numba_sinkhorn.sinkhorn_iterate_serial
     iters = fn(_np(kernel), float(tol), int(max_iters), d0.numpy(), d1.numpy())
     return d0, d1, int(iters)
+
+
+def expert_choice_pays(num_tokens: int) -> bool:
+    """Whether `expert_choice_select` beats a torch.topk per expert at T = num_tokens (CPU):
+    from the size where it samples the threshold and reads probs once (below it the exact
+    radix path and torch.topk are level, and the per-call cost of torch is lower)."""
+    from moebench.core.kernels import _numba_expert_choice as mod
+
+    return num_tokens >= mod.SAMPLED_MIN_TOKENS
+
+
+def expert_choice_select(probs: torch.Tensor, capacity: int):
+    """(token <int64>[E, C], weight <float32>[E, C]) for probs <float32>[T, E] (CPU), C =
+    ``capacity`` in [1, T]: per expert e the C tokens with the highest probs[t, e], descending,
+    ties to the lower token, and those values (= ``torch.sort(probs.t(), dim=1, descending=True,
+    stable=True)`` cut to C columns). A radix select per expert (`_numba_expert_choice`): O(T)
+    per expert where a top-k over T is O(T + C log C), and the [T, E] probs are read row-major,
+    so no [E, T] copy is made."""
+    t, e = probs.shape
+    if not 1 <= capacity <= t:
+        raise ValueError(f"capacity must be in [1, T={t}], got {capacity}")
+    parallel = t * e >= PARALLEL_MIN_WORK
+    _kernels(t * e) if parallel else _serial()
+    from moebench.core.kernels import _numba_expert_choice as mod
+
+    p = _np(probs)
+    token = torch.empty(e, capacity, dtype=torch.int64)
+    weight = torch.empty(e, capacity, dtype=torch.float32)
+    threads = torch.get_num_threads() if parallel else 1
+    # experts per task: adjacent columns share cache lines (16 float32 per 64-byte line), and
+    # enough tasks to keep every thread busy
+    group = max(1, min(16, -(-e // threads)))
+    # bins of the exact path's first pass: ~T/8 per expert (a histogram near T's size costs
+    # more to clear and scan than the pass itself), at most 2^11
+    first_bits = max(4, min(mod.LEVEL_BITS, t.bit_length() - 3))
+    fn = mod.expert_choice_select if parallel else mod.expert_choice_select_serial
+    fn(p.view(np.int32), int(capacity), group, first_bits, token.numpy(), weight.numpy().view(np.int32))
+    return token, weight
