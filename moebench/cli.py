@@ -19,17 +19,16 @@ from moebench.core.paths import output_problem, write_output
 
 
 def _cmd_run(args) -> int:
-    from moebench.suite.files import read_suite_file
+    from moebench.suite.load import load_suite
 
-    # a file refused for what it is (binary, huge, not YAML) is refused before torch loads (#23)
-    read_suite_file(Path(args.suite), str(args.suite))
+    # a suite refused for what the file is (binary, huge, not YAML) or for a field (a wrong type,
+    # a number out of range, an unknown name) is refused before torch loads (#23)
+    suite = load_suite(args.suite)
     from tqdm import tqdm
 
     from moebench.store.runs import WriteError
     from moebench.run.session import RunOptions, Terminated, execute, sigterm_as_interrupt
-    from moebench.suite.load import load_suite
 
-    suite = load_suite(args.suite)
     shard = None
     if args.shard:  # one job of several (Slurm array, CI matrix): moebench/run/shards.py
         from moebench.run.shards import parse_shard, shard_suite

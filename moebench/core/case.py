@@ -13,6 +13,12 @@ from typing import Any
 
 from moebench.core.capacity import CapacitySpec
 
+# The names a Case's drop_policy and a TimingSpec's mode may take, here (no torch) so that the
+# suite validator refuses a bad one before torch loads (#23). core/drop_policies.py checks, on
+# import, that DROP_POLICY_NAMES are its DROP_POLICIES; run/exec_modes.py runs the MODES.
+DROP_POLICY_NAMES = ("position", "probs", "bpr", "random")
+MODES = ("eager", "compile", "cuda_graph")
+
 
 @dataclass(frozen=True)
 class NamedSpec:

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from moebench.core import kernels
+from moebench.core.case import DROP_POLICY_NAMES
 from moebench.core.errors import UnknownNameError
 
 # priority(expert <int64>[k, T], scores <float32>[k, T], generator) -> <int64>[k, T]
@@ -61,6 +62,8 @@ DROP_POLICIES: dict[str, PriorityFn] = {
     "bpr": bpr_priority,
     "random": random_priority,
 }
+if tuple(DROP_POLICIES) != DROP_POLICY_NAMES:  # the suite validator knows the names without torch
+    raise TypeError(f"DROP_POLICIES {tuple(DROP_POLICIES)} do not match core/case.py DROP_POLICY_NAMES {DROP_POLICY_NAMES}")
 
 
 # What a policy's ``scores`` argument holds (built by `TokenChoiceRouter.finish`): "weight",

@@ -225,9 +225,13 @@ def blocks() -> dict[str, Kind]:
     return {k.block.key: k for k in kinds().values() if k.block is not None}
 
 
+def plugin_modules(what: Literal["routers", "workloads"]) -> list[str]:
+    """Every kind's ``routers`` (or ``workloads``) modules, by name, in kind order."""
+    return [module for kind in kinds().values() for module in getattr(kind, what)]
+
+
 def import_plugins(what: Literal["routers", "workloads"]) -> None:
     """Import every kind's ``routers`` (or ``workloads``) modules, which register themselves:
     how the registries find the built-in plugins without importing a kind."""
-    for kind in kinds().values():
-        for module in getattr(kind, what):
-            importlib.import_module(module)
+    for module in plugin_modules(what):
+        importlib.import_module(module)

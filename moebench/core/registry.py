@@ -75,9 +75,15 @@ def options_of(cls: type) -> dict[str, OptionSpec]:
 class Registry:
     """Named classes of one kind ('router', 'workload'); ``load`` fills it on first use."""
 
-    def __init__(self, kind: str, load: Callable[[], None]):
+    def __init__(self, kind: str, load: Callable[[], None], builtin: Callable[[], list[str] | None] | None = None,
+                 needs_options: tuple[str, ...] = ()):
+        """builtin: the names ``load`` registers, told without importing anything heavy (a table
+        its test checks against the loaded registry), or None where a plugin could add others.
+        needs_options: the built-in names that do not build with their defaults alone."""
         self.kind = kind
         self._load = load
+        self._builtin = builtin
+        self._needs_options = needs_options
         self._loaded = False
         self._classes: dict[str, type] = {}
 
@@ -105,6 +111,23 @@ class Registry:
             self._loaded = True
             self._load()
         return dict(sorted(self._classes.items()))
+
+    def names(self) -> list[str] | None:
+        """Every name, without loading the registry where its built-in table says them all (no
+        plugin); None where only loading can tell. A suite naming an unknown router or workload
+        is refused before torch loads (#23)."""
+        if self._loaded:
+            return sorted(self._classes)
+        builtin = self._builtin() if self._builtin is not None else None
+        return None if builtin is None else sorted({*builtin, *self._classes})
+
+    def builds_unloaded(self, name: str, params: dict | None) -> bool:
+        """True when ``name`` with ``params`` is known to build without loading the registry: a
+        built-in name given no options builds with its defaults (the registry's test builds
+        every built-in so, but those of ``needs_options``). False means: ask `problem`."""
+        if params or self._loaded or self._builtin is None or name in self._needs_options:
+            return False
+        return name in (self._builtin() or ())
 
     def get(self, name: str) -> type:
         classes = self.classes()

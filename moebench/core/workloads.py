@@ -15,19 +15,8 @@ from typing import ClassVar
 import torch
 
 from moebench.core.errors import WorkloadMismatchError
-from moebench.core.registry import Registry
 from moebench.core.routing import RouteInputs
-
-
-def _load_kind_workloads() -> None:
-    """The kinds' workloads, by module name (moebench/core/kinds.py `Kind.workloads`), e.g. the
-    traces kind's trace and trace_fit (replays of recorded routing)."""
-    from moebench.core.kinds import import_plugins
-
-    import_plugins("workloads")
-
-
-WORKLOADS = Registry("workload", _load_kind_workloads)  # the rest are defined in this module
+from moebench.core.workload_registry import WORKLOADS  # light: the suite validator reads it without torch
 
 
 @dataclass(frozen=True)

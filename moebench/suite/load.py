@@ -20,17 +20,17 @@ from pathlib import Path
 from typing import Any
 
 
+# nothing here imports torch (#23): a suite refused for its fields is refused at once; the
+# registries load (and torch with them) only for a check that needs a class (options)
 from moebench.run.allocator import ALLOCATORS
-from moebench.core.case import Case, NamedSpec, Suite, TimingSpec, case_fields
-from moebench.core.drop_policies import DROP_POLICIES
+from moebench.core.case import DROP_POLICY_NAMES, MODES, Case, NamedSpec, Suite, TimingSpec, case_fields
 from moebench.core.errors import SuiteError, UnknownNameError, did_you_mean
 from moebench.core.paths import FOLDER_NAME, MAX_NAME_CHARS, folder_name_problem
 from moebench.suite.files import include_list, read_suite_file, show
 from moebench.suite.rules import Rule
-from moebench.run.exec_modes import MODES
 from moebench.core.registry import Registry
 from moebench.routers.registry import ROUTERS
-from moebench.core.workloads import WORKLOADS
+from moebench.core.workload_registry import WORKLOADS
 from moebench.core import kinds
 
 NAME_PATTERN = FOLDER_NAME  # suite names end up in result directory names: never '.', '..' or 'a/b'
@@ -65,7 +65,7 @@ AXES: dict[str, Rule] = {
     "experts": Rule("int", 2, required=True, maximum=2**17),
     "top_k": Rule("int", 1, required=True, maximum=2**17),
     "capacity_factor": Rule("number", 0, exclusive=True, nullable=True, what="dropless", default=1.25, maximum=1e6),
-    "drop_policy": Rule("choice", choices=tuple(DROP_POLICIES), what="drop policy", default="position"),
+    "drop_policy": Rule("choice", choices=DROP_POLICY_NAMES, what="drop policy", default="position"),
     "min_capacity": Rule("int", 0, default=0, maximum=2**31),
     "capacity_multiple": Rule("int", 1, default=1, maximum=2**20),
     "hidden": Rule("int", 1, default=64, maximum=2**17),
@@ -217,6 +217,11 @@ class _Validator:
             self.fail(field, f"expected a {kind} name or a mapping of name/params/label, got {show(item)}")
         if not isinstance(name, str):
             self.fail(name_field, f"expected a {kind} name, got {show(name)}")
+        known = registry.names()  # without loading the registry (torch) where no plugin can add names
+        if known is not None and name not in known:
+            self.fail(name_field, str(UnknownNameError(kind, name, known)))
+        if registry.builds_unloaded(name, params):  # a built-in name with its defaults
+            return NamedSpec(name, dict(params), label)
         try:
             registry.get(name)
         except UnknownNameError as exc:

@@ -1,0 +1,139 @@
+"""A suite refused for a reason that needs no torch is refused without importing it (#23 item 12).
+
+`moebench validate F` and `moebench run F` read the file and check its fields before anything
+imports torch, scipy, numba or pandas: the registries' names are known from tables (checked
+here against the loaded registries), and a built-in name given no options builds with its
+defaults (checked here for every built-in). A check that needs a class (a router's options)
+still loads the registry, and an accepted suite validates and runs as before.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moebench.core.case import DROP_POLICY_NAMES, MODES
+from moebench.core.workload_registry import BUILTIN as WORKLOAD_TABLE, WORKLOADS
+from moebench.routers.registry import BUILTIN as ROUTER_TABLE, ROUTERS
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "scipy", "numba", "pandas")
+GOOD = {
+    "name": "light",
+    "version": 1,
+    "grid": {"workload": "uniform", "tokens": 16, "experts": 4, "top_k": 1},
+    "routers": ["topk"],
+    "timing": {"warmup_rounds": 0, "min_rounds": 1, "max_rounds": 1, "min_time_s": 0.0, "isolate": False},
+}
+
+
+def cli(argv: list[str], cwd: Path) -> tuple[int, str, str, list[str]]:
+    """(exit code, stdout, stderr, heavy modules imported) of the CLI in a fresh interpreter."""
+    side = cwd / "heavy.json"
+    code = ("import sys, json\nfrom moebench.cli import main\ntry:\n    code = main(sys.argv[2:])\nfinally:\n"
+            f"    open(sys.argv[1], 'w').write(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\n"
+            "raise SystemExit(code)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(side), *argv], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+    return proc.returncode, proc.stdout, proc.stderr, json.loads(side.read_text())
+
+
+def suite(tmp_path: Path, text: str | bytes | dict, name: str = "s.yaml") -> Path:
+    path = tmp_path / name
+    if isinstance(text, dict):
+        text = yaml.safe_dump(text, sort_keys=False)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def changed(section: str | None, key: str, value) -> dict:
+    doc = json.loads(json.dumps(GOOD))
+    (doc.setdefault(section, {}) if section else doc)[key] = value
+    return doc
+
+
+LIGHT = {  # refusals that need no torch, and the end of their one line
+    "bad-yaml": ("name: [x\n", "while parsing a flow sequence"),
+    "binary": (b"\x00\x01\x02name", "binary"),
+    "unknown-field": (changed(None, "gird", 1), "unknown key 'gird'; did you mean 'grid'?"),
+    "wrong-type": (changed("grid", "tokens", "many"), "grid.tokens: expected an integer > 0, got 'many'"),
+    "out-of-range": (changed("grid", "hidden", 10**9), "grid.hidden: expected an integer <= 131072"),
+    "timing-range": (changed("timing", "min_time_s", -1), "timing.min_time_s: expected a number >= 0, got -1"),
+    "unknown-router": (changed(None, "routers", ["tpok"]), "routers[0]: unknown router 'tpok'; did you mean 'topk'?"),
+    "unknown-workload": (changed("grid", "workload", "unifrom"), "unknown workload 'unifrom'; did you mean 'uniform'?"),
+    "unknown-drop-policy": (changed("grid", "drop_policy", "prob"), "unknown drop policy 'prob'; did you mean 'probs'?"),
+    "unknown-mode": (changed("timing", "mode", "eagr"), "unknown timing mode 'eagr'; did you mean 'eager'?"),
+}
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+@pytest.mark.parametrize("what", list(LIGHT))
+def test_a_light_refusal_imports_no_torch(what, command, tmp_path):
+    text, expected = LIGHT[what]
+    path = suite(tmp_path, text)
+    argv = [command, str(path)] + (["--results", str(tmp_path / "results"), "--no-report"] if command == "run" else [])
+    code, out, err, heavy = cli(argv, tmp_path)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and expected in err, err
+    assert heavy == [], f"{what}: {command} imported {heavy}"
+    assert not (tmp_path / "results").exists()
+
+
+def test_validate_and_run_refuse_with_the_same_line(tmp_path):
+    path = suite(tmp_path, changed("grid", "top_k", 9))
+    _, _, validate_err, _ = cli(["validate", str(path)], tmp_path)
+    _, _, run_err, _ = cli(["run", str(path), "--results", str(tmp_path / "r"), "--no-report"], tmp_path)
+    assert validate_err.split("error: ", 1)[1] == run_err.split("error: ", 1)[1]
+
+
+@pytest.mark.parametrize("doc, expected", [
+    (changed(None, "routers", [{"name": "topk", "params": {"renormalize": "yes"}}]),
+     "routers[0].params: option 'renormalize' of router 'topk': expected a boolean"),
+    (changed("grid", "workload", "trace"), "grid.workload.params: workload 'trace': path (a trace folder) is required"),
+], ids=["router-option", "workload-without-its-required-option"])
+def test_options_are_still_checked(doc, expected, tmp_path):
+    """An option needs the class: that refusal may load torch, and says what it did."""
+    code, _, err, _ = cli(["validate", str(suite(tmp_path, doc))], tmp_path)
+    assert code == 2 and expected in err, err
+
+
+def test_an_accepted_suite_validates_and_runs(tmp_path):
+    path = suite(tmp_path, GOOD)
+    code, out, err, heavy = cli(["validate", str(path)], tmp_path)
+    assert code == 0 and out.strip() == f"ok: {path}: 1 cases x 1 routers", err
+    assert heavy == []  # plain names with their defaults: nothing to build
+    code, out, err, _ = cli(["run", str(path), "--results", str(tmp_path / "results"), "--no-report"], tmp_path)
+    assert code == 0, err
+    assert "(1 ok, 0 skipped, 0 errors)" in out
+
+
+def test_the_name_tables_are_the_registries():
+    """The tables the validator reads without torch say exactly what loading registers."""
+    assert ROUTERS.names() == sorted(n for names in ROUTER_TABLE.values() for n in names)
+    assert WORKLOADS.names() == sorted(n for names in WORKLOAD_TABLE.values() for n in names)
+    assert sorted(ROUTERS.classes()) == ROUTERS.names()
+    assert sorted(WORKLOADS.classes()) == WORKLOADS.names()
+    from moebench.core.drop_policies import DROP_POLICIES
+    from moebench.run.exec_modes import MODES as RUN_MODES
+
+    assert tuple(DROP_POLICIES) == DROP_POLICY_NAMES and RUN_MODES is MODES
+
+
+def test_the_tables_name_the_modules_loading_imports():
+    from moebench.core.kinds import plugin_modules
+    from moebench.core.workload_registry import MODULE
+
+    assert list(ROUTER_TABLE) == plugin_modules("routers")
+    assert list(WORKLOAD_TABLE) == [MODULE, *plugin_modules("workloads")]
+
+
+@pytest.mark.parametrize("registry", [ROUTERS, WORKLOADS], ids=["router", "workload"])
+def test_every_builtin_builds_with_its_defaults(registry):
+    """What lets the validator accept a plain built-in name without building it."""
+    for name in registry.names():
+        assert (registry.problem(name, {}) is None) == (name not in registry._needs_options), name
