@@ -86,6 +86,21 @@ class Sleeps(_Faulty):
         return routing
 
 
+@register("kernel_sleeps")
+@dataclass(frozen=True)
+class KernelSleeps(_Faulty):
+    """Runs a parallel numba kernel on the rank (numba starts its threading layer), then does
+    what `sleeps` does."""
+    paper = "test"
+
+    def fault(self, routing):
+        from moebench.core import kernels
+        if kernels.available():
+            rows = 2 * kernels.PARALLEL_MIN_WORK // 16  # T * E past the parallel threshold
+            kernels.topk_select(torch.rand(rows, 16), 2)
+        return Sleeps.fault(self, routing)
+
+
 @register("segfaults")
 @dataclass(frozen=True)
 class Segfaults(_Faulty):
@@ -223,3 +238,64 @@ def test_kill9_of_moebench_mid_case_leaves_no_process_behind(plugin, tmp_path):
         cli.wait()
         for member in group_members(cli.pid):  # clean up after a failure: only this test's group
             os.kill(int(member.split()[0]), signal.SIGKILL)
+
+
+SIGTERM_SUITE = """
+name: term
+version: 1
+grid: {workload: uniform, tokens: 64, experts: 4, top_k: 2, hidden: 8}
+routers: [topk, kernel_sleeps]
+parallel: {ep: 2, experts: identity, timeout_s: 120}
+timing: {enabled: false}
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="lists processes from /proc")
+def test_sigterm_of_a_parallel_run_leaks_no_semaphore_and_prints_no_traceback(plugin, tmp_path):
+    """#23: SIGTERM at three moments of a 2-rank run: as soon as the run folder exists (the fork
+    server is starting), 1.5 s later (the launch), and once both ranks sleep in a router after a
+    parallel numba kernel (numba's init lock, registered with multiprocessing's resource tracker,
+    made every such kill print "There appear to be 2 leaked semaphore objects"; a kill while the
+    fork server imported torch printed a FileNotFoundError traceback from a rank born after
+    moebench had unlinked the launcher's semaphores). Each ends with the one 'terminated' line
+    and nothing else of note, leaves no process, and an interrupted run folder that --resume
+    completes."""
+    (tmp_path / "t.yaml").write_text(SIGTERM_SUITE)
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "MOEBENCH"))}
+    full.update(PYTHONPATH=os.pathsep.join([str(plugin), str(ROOT)]))
+    for moment in ("folder", "folder+1.5s", "ranks_in_router"):
+        mark = tmp_path / f"mark-{moment}"
+        mark.mkdir()
+        results = tmp_path / f"r-{moment}"
+        cli = subprocess.Popen([sys.executable, "-m", "moebench", "run", "t.yaml", "--results", str(results),
+                                "--no-report"], cwd=tmp_path, env=dict(full, FAULTY_MARK=str(mark)),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            while not (list(results.glob("term/*/meta.json")) if moment.startswith("folder")
+                       else len(list(mark.iterdir())) >= 2):
+                assert cli.poll() is None, (moment, cli.communicate()[1][-3000:])
+                assert time.monotonic() < deadline, f"{moment}: never reached"
+                time.sleep(0.05)
+            if moment == "folder+1.5s":
+                time.sleep(1.5)
+            cli.send_signal(signal.SIGTERM)
+            _, err = cli.communicate(timeout=120)  # EOF once every process holding stderr ended
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+                cli.wait()
+            for member in group_members(cli.pid):  # clean up after a failure: only this group
+                os.kill(int(member.split()[0]), signal.SIGKILL)
+        assert cli.returncode == 143, (moment, err[-3000:])
+        assert "leaked" not in err and "Traceback" not in err, (moment, err[-3000:])
+        assert "moebench: terminated (SIGTERM); every finished row is on disk" in err, (moment, err[-3000:])
+        assert group_members(cli.pid) == []
+        (run,) = (results / "term").iterdir()
+        meta = json.loads((run / "meta.json").read_text())
+        assert meta["status"] == "interrupted" and meta["stopped_by"] == "SIGTERM" and meta["ended_at"], meta
+        assert not (run / "rows.jsonl").exists() or rows_of(run) == {}  # the one case never finished
+    done = moebench(["run", "t.yaml", "--results", str(results), "--no-report", "--resume", str(run)], plugin,
+                    tmp_path, FAULTY_OFF="1")
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert {k: r["status"] for k, r in rows_of(run).items()} == {"topk": "ok", "kernel_sleeps": "ok"}

@@ -112,11 +112,62 @@ def _entry(fn, arg, launcher: int | None = None):
     die_with_parent()
     if launcher is not None:
         _watch_launcher(launcher)
+    _numba_lock_off_the_tracker()
     try:
         return fn(arg)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _numba_lock_off_the_tracker() -> None:
+    """A rank's numba takes a multiprocessing RLock the first time it starts its threading layer
+    (the first parallel kernel). Its test ``"fork" in get_start_method()`` also holds for
+    "forkserver", so in a fork-server rank that lock comes from the forkserver context: a named
+    semaphore registered with the resource tracker that moebench shares with its ranks, and
+    unregistered only at the rank's normal exit. A SIGTERM'd run stops its ranks with SIGTERM
+    (torch elastic), so each rank left one behind and the tracker printed "There appear to be 2
+    leaked semaphore objects to clean up at shutdown" (#23). Give numba the lock of its fork
+    branch first: unlinked as soon as it is made, never registered, gone with the process
+    however it ends. Per rank, as before (a lock shared across ranks could be left held by a
+    killed one)."""
+    if os.name != "posix":
+        return
+    try:
+        from numba.np.ufunc import parallel as numba_parallel
+    except ImportError:
+        return
+    if getattr(numba_parallel, "_backend_init_process_lock", False) is None:  # not started yet
+        try:
+            numba_parallel._backend_init_process_lock = multiprocessing.get_context("fork").RLock()
+        except (ValueError, OSError):  # no fork context, or no /dev/shm: numba decides, as before
+            pass
+
+
+def _noop() -> None:
+    pass
+
+
+_forkserver_ready = False
+
+
+def _await_forkserver() -> None:
+    """Start the fork server and wait until it has imported its preload (torch, numba: seconds),
+    by running one empty process through it, before the launcher makes the semaphores that
+    travel to the ranks. A SIGTERM in that wait used to land in the launcher's first
+    ``Process.start``: moebench exited and unlinked the semaphores while the fork server, still
+    importing, went on to fork the rank, which then failed to unpickle them (a
+    ``FileNotFoundError`` traceback from multiprocessing/synchronize.py on stderr, #23). Here
+    nothing is in flight yet: the empty process carries no semaphore, and it is a daemon, so
+    an exit does not wait for it. Once per process (later launches find the server running)."""
+    global _forkserver_ready
+    if _forkserver_ready:
+        return
+    warm = multiprocessing.get_context("forkserver").Process(target=_noop, name="moebench-forkserver-ready",
+                                                             daemon=True)
+    warm.start()  # returns once the server has forked it, i.e. after its preload
+    warm.join()
+    _forkserver_ready = True
 
 
 def spawn(fn, arg, nprocs: int, timeout_s: float) -> dict:
@@ -128,6 +179,7 @@ def spawn(fn, arg, nprocs: int, timeout_s: float) -> dict:
     method = _start_method()
     if method == "forkserver":  # one clean server imports torch once; each launch forks from it
         multiprocessing.get_context("forkserver").set_forkserver_preload(["moebench.kinds.parallel._preload"])
+        _await_forkserver()
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=f"moebench-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", rdzv_configs={"timeout": int(max(timeout_s, 30))},
