@@ -17,6 +17,9 @@ every tree.
     python benchmarks/bench_refusals.py                                # this tree
     git worktree add /tmp/refusal-before HEAD
     python benchmarks/bench_refusals.py --rev-path /tmp/refusal-before --rev-path .   # before | after
+
+``--blocks`` takes instead the ``train:`` / ``parallel:`` refusals of the same file's extended
+corpus (its `EXTENDED` probes train.*, parallel.*, model.* that validate one suite file).
 """
 
 from __future__ import annotations
@@ -44,14 +47,20 @@ WRAPPER = (
 )
 
 
-def refused_suites(workdir: Path, limit: int) -> list[tuple[str, str]]:
-    """(probe id, file) of the corpus's suite probes, ``limit`` of them at an even stride."""
+def refused_suites(workdir: Path, limit: int, blocks: bool = False) -> list[tuple[str, str]]:
+    """(probe id, file) of the corpus's suite probes, ``limit`` of them at an even stride;
+    blocks: the extended corpus's train:/parallel: probes instead."""
     sys.path.insert(0, str(ROOT / "tests"))
     sys.path.insert(0, str(ROOT))
     import test_hostile_inputs as hostile  # the generator, not a copy of it
 
     found = []
-    for pid, make in hostile.CORPUS:
+    if blocks:
+        for pid, make in hostile.EXTENDED:
+            if pid.split(".")[0] in ("train", "parallel", "model") and pid.endswith(".validate"):
+                argv, _ = make(workdir)
+                found.append((pid, argv[1]))
+    for pid, make in [] if blocks else hostile.CORPUS:
         argv = make(workdir)
         if len(argv) == 2 and argv[0] == "validate" and "\x00" not in argv[1]:
             found.append((pid, argv[1]))
@@ -87,6 +96,8 @@ def main() -> int:
     parser.add_argument("--rev-path", action="append", metavar="PATH",
                         help="a source tree to time (repeatable; default: this one)")
     parser.add_argument("--limit", type=int, default=40, help="how many refused suites (0: all; default 40)")
+    parser.add_argument("--blocks", action="store_true",
+                        help="the train:/parallel: refusals of the extended corpus instead")
     parser.add_argument("--commands", default="validate,run", help="which commands (default validate,run)")
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--json", metavar="FILE", help="also write every measurement here")
@@ -96,8 +107,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-refusals-") as tmp:
         tmp = Path(tmp)
         (tmp / "corpus").mkdir()
-        suites = refused_suites(tmp / "corpus", args.limit)
-        print(f"{len(suites)} refused suite files from tests/test_hostile_inputs.py; trees: "
+        suites = refused_suites(tmp / "corpus", args.limit, args.blocks)
+        print(f"{len(suites)} refused suite files from tests/test_hostile_inputs.py"
+              f"{' (train:/parallel: blocks)' if args.blocks else ''}; trees: "
               + ", ".join(str(t) for t in trees), flush=True)
         results: dict[tuple[str, str, str], dict] = {}
         for i, (pid, path) in enumerate(suites):

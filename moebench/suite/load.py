@@ -21,7 +21,8 @@ from typing import Any
 
 
 # nothing here imports torch (#23): a suite refused for its fields is refused at once; the
-# registries load (and torch with them) only for a check that needs a class (options)
+# registries load (and torch with them) only for a check that needs a class (options), and
+# only once every check that needs none (of every block: train:, parallel:, ...) has passed
 from moebench.run.allocator import ALLOCATORS
 from moebench.core.case import DROP_POLICY_NAMES, MODES, Case, NamedSpec, Suite, TimingSpec, case_fields
 from moebench.core.errors import SuiteError, UnknownNameError, did_you_mean
@@ -124,6 +125,9 @@ class _Validator:
     def __init__(self, file: str, origins: dict[str, str]):
         self.file = file
         self.origins = origins
+        # (registry, name, name field, field, params) of the specs that need their class to be
+        # checked: run by `class_checks` after every light check (#23)
+        self.deferred: list[tuple[Registry, str, str, str, dict]] = []
 
     def fail(self, field: str, message: str):
         if len(message) > MAX_MESSAGE_CHARS:
@@ -178,6 +182,7 @@ class _Validator:
         timing = self.timing(doc.get("timing", {}))  # before the grid: a refusal never waits for its expansion
         kind, block = self.block(doc, routers)
         cases = self.cases(doc, kind, block)
+        self.class_checks()  # last: these load the registries (torch)
         sha256 = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
         return Suite(name, version, description, self.file, doc, sha256, routers, cases, timing,
                      kind=kind.name, blocks={kind.name: block} if kind.block is not None else {})
@@ -220,16 +225,21 @@ class _Validator:
         known = registry.names()  # without loading the registry (torch) where no plugin can add names
         if known is not None and name not in known:
             self.fail(name_field, str(UnknownNameError(kind, name, known)))
-        if registry.builds_unloaded(name, params):  # a built-in name with its defaults
-            return NamedSpec(name, dict(params), label)
-        try:
-            registry.get(name)
-        except UnknownNameError as exc:
-            self.fail(name_field, str(exc))
-        problem = registry.problem(name, params)
-        if problem:
-            self.fail(f"{field}.params", problem)
+        if not registry.builds_unloaded(name, params):  # not a built-in name with its defaults
+            self.deferred.append((registry, name, name_field, field, params))
         return NamedSpec(name, dict(params), label)
+
+    def class_checks(self) -> None:
+        """The checks of `named` that need the class (a name only loading can tell, options):
+        they load the registry, and torch with it, so they run after every other check (#23)."""
+        for registry, name, name_field, field, params in self.deferred:
+            try:
+                registry.get(name)
+            except UnknownNameError as exc:
+                self.fail(name_field, str(exc))
+            problem = registry.problem(name, params)
+            if problem:
+                self.fail(f"{field}.params", problem)
 
     def routers(self, value: Any) -> tuple[NamedSpec, ...]:
         if not isinstance(value, list) or not value:

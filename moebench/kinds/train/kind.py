@@ -14,7 +14,7 @@ from moebench.kinds.train.metrics import TRAIN_METRICS
 
 def _parse(value, ctx):
     from moebench.kinds.train.spec import parse_train
-    from moebench.kinds.train.tasks import TASKS
+    from moebench.kinds.train.task_registry import TASKS  # names without torch (#23)
 
     return parse_train(value, ctx.fail, lambda item, field: ctx.named(item, field, TASKS),
                        [r.display for r in ctx.routers])

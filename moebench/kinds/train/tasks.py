@@ -37,15 +37,8 @@ from typing import ClassVar
 
 import torch
 
-from moebench.core.registry import Registry
 from moebench.kinds.train.measures import maxvio
-
-
-def _load() -> None:  # the built-in tasks register below, on import of this module
-    return None
-
-
-TASKS = Registry("task", _load)
+from moebench.kinds.train.task_registry import TASKS  # the built-in tasks register below, on import
 
 
 @dataclass(frozen=True)
