@@ -184,9 +184,11 @@ def parse_train(value: Any, fail: Fail, named: Callable[[Any, str], NamedSpec],
 
     out: dict[str, Any] = {"steps": scalar("steps", Rule("int", 1, maximum=1_000_000))}  # 10^12 ran forever (#23)
     rules = {
-        "tokens_per_step": Rule("int", 0, exclusive=True), "lr": Rule("number", 0, exclusive=True, maximum=100),  # 1e300 overflowed (#23)
+        "tokens_per_step": Rule("int", 0, exclusive=True, maximum=2**26), "lr": Rule("number", 0, exclusive=True, maximum=100),  # 1e300 overflowed (#23)
         "weight_decay": Rule("number", 0), "aux_loss_coeff": Rule("number", 0), "z_loss_coeff": Rule("number", 0),
-        "eval_interval": Rule("int", 1), "eval_tokens": Rule("int", 1), "probe_tokens": Rule("int", 1),
+        # token counts: the grid's own bound on `tokens` (10^12 per step was accepted, #23)
+        "eval_interval": Rule("int", 1), "eval_tokens": Rule("int", 1, maximum=2**26),
+        "probe_tokens": Rule("int", 1, maximum=2**26),
         "gate_noise": Rule("number", 0), "bias_update_rate": Rule("number", 0, nullable=True, what="the router's own"),
         "expert_hidden": Rule("int", 1),
         "optimizer": Rule("choice", choices=OPTIMIZERS, what="optimizer"),
