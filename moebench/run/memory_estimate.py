@@ -19,7 +19,10 @@ k choices, A assignments, b bytes per element of the case's dtype):
   (the timed calls allocate while the previous result is still alive);
 - memcopy bounds: clones of logits and hidden;
 - the stream: cached later batches (at most `STREAM_CACHE_BYTES`) and one metric record per
-  batch.
+  batch;
+- what the workload itself holds beyond its batches, where its class says so: a workload
+  object with a ``memory_parts(case) -> {part: bytes}`` method adds those parts (the trace
+  workloads: the recorded layers they load, moebench/kinds/traces/memory.py).
 
 The sum is multiplied by `SAFETY` (allocator rounding, fragmentation, what we do not model).
 What the machine has: on CPU, MemAvailable of /proc/meminfo, lowered to what the cgroup
@@ -105,7 +108,32 @@ def estimate(case: Case, router: NamedSpec | None = None) -> Estimate:
     parts["memcopy"] = (te + td) * b
     later = max(0, case.batches - 1)
     parts["stream"] = min(later * (te + td) * b, STREAM_CACHE_BYTES) + case.batches * BATCH_RECORD_BYTES
+    parts.update(workload_parts(case))
     return Estimate(parts)
+
+
+def assignments(tokens: int, experts: int, top_k: int, capacity_factor: float | None, dense: bool = False) -> int:
+    """A, the assignments a router makes of ``tokens`` tokens: T*E for dense routers, else
+    T*min(E, ceil(k * max(1, capacity factor))) (as `estimate` counts them)."""
+    if dense:
+        return tokens * experts
+    return tokens * min(experts, math.ceil(top_k * max(1.0, capacity_factor or 1.0)))
+
+
+ROUTING_BYTES_PER_ASSIGNMENT = 3 * INT64 + FLOAT32 + 1 + 2 * INT64  # Routing's [A] fields + capacity's sort
+
+
+def workload_parts(case: Case) -> dict[str, int]:
+    """The parts a workload adds through its ``memory_parts(case)`` method (module doc), {} for
+    workloads without one, or that cannot be made (the run reports that itself)."""
+    try:
+        from moebench.core.workloads import WORKLOADS
+
+        workload = WORKLOADS.create(case.workload.name, case.workload.params)
+    except Exception:  # noqa: BLE001 (an unknown or invalid workload is the run's error row)
+        return {}
+    method = getattr(workload, "memory_parts", None)
+    return dict(method(case)) if callable(method) else {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,8 +210,14 @@ def available(device: str) -> tuple[int | None, str]:
 def memory_problem(case: Case, router: NamedSpec | None = None, have: tuple[int | None, str] | None = None) -> str | None:
     """None if ``router`` on ``case`` should fit, else the reason of its skipped row: the
     estimate and what the machine has. ``have``: (bytes, source), default `available`."""
-    need = estimate(case, router)
-    free, source = have if have is not None else available(case.device)
+    return problem(estimate(case, router), case.device, have)
+
+
+def problem(need: Estimate, device: str, have: tuple[int | None, str] | None = None) -> str | None:
+    """None if ``need`` fits in what ``device`` has (``have``: (bytes, source), default
+    `available`), else the skipped row's reason: 'does not fit in memory: needs ~X (...); DEVICE
+    has Y available (SOURCE)'. The reason of every kind's memory check (train, parallel, traces)."""
+    free, source = have if have is not None else available(device)
     if free is None or need.total <= free:
         return None
-    return f"does not fit in memory: needs {need.describe()}; {case.device} has {gib(free)} available ({source})"
+    return f"does not fit in memory: needs {need.describe()}; {device} has {gib(free)} available ({source})"

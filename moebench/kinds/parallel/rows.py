@@ -22,6 +22,7 @@ from moebench.core.case import Case
 from moebench.core.routing_check import check_routing
 from moebench.core.metrics import expert_loads, mean_over_batches, routing_metrics
 from moebench.kinds.parallel import costmodel
+from moebench.kinds.parallel.memory import memory_problem
 from moebench.kinds.parallel.layer import concat_routings, global_batches, route_shard
 from moebench.kinds.parallel.placement import Placement, contiguous, make_placement, rank_imbalance
 from moebench.kinds.parallel.plan import rank_plan, shard_bounds
@@ -40,7 +41,24 @@ def parallel_rows(suite, case: Case, timing, base_row: dict, skip: set[str]) -> 
     if spec.mode == "model":
         return model_rows(case, spec, routers, base)
     rounds = timing.min_rounds if timing.enabled else 0
-    return engine_rows(case, spec, routers, base, timing.threads, timing.warmup_rounds if rounds else 0, rounds)
+    return fitting_engine_rows(case, spec, routers, base, timing.threads, timing.warmup_rounds if rounds else 0, rounds)
+
+
+def fitting_engine_rows(case: Case, spec: ParallelSpec, routers, base: dict, threads=None, warmup: int = 2,
+                        rounds: int = 5) -> Iterator[RowResult]:
+    """`engine_rows` for the routers whose memory estimate fits (memory.py: the sum over the
+    local ranks), checked before any rank starts; the others are skipped rows saying why."""
+    problems = {r.display: memory_problem(case, spec, r, routers=len(routers)) for r in routers}
+    fitting = [r for r in routers if not problems[r.display]]
+    ran = iter(engine_rows(case, spec, fitting, base, threads, warmup, rounds) if fitting else ())
+    for named in routers:  # rows in the suite's router order
+        if problems[named.display]:
+            yield RowResult({**_row(base, named), "status": "skipped", "reason": problems[named.display]}, [])
+        else:
+            row = next(ran, None)
+            if row is not None:
+                yield row
+    yield from ran
 
 
 def _row(base: dict, named) -> dict:
@@ -175,6 +193,10 @@ def model_rows(case: Case, spec: ParallelSpec, routers, base: dict) -> Iterator[
     batches = None
     for named in routers:
         row = _row(base, named)
+        problem = memory_problem(case, spec, named)  # before the batches are made
+        if problem:
+            yield RowResult({**row, "status": "skipped", "reason": problem}, [])
+            continue
         try:
             if batches is None:
                 batches = global_batches(case, "cpu")

@@ -80,6 +80,13 @@ class TraceWorkload(Workload):
             cache["trace"] = open_trace(self.path, num_experts)
         return cache["trace"]
 
+    def memory_parts(self, case) -> dict[str, int]:
+        """What replaying this trace holds beyond its batches (moebench/kinds/traces/memory.py),
+        read from its header before anything loads: moebench.run.memory_estimate adds it."""
+        from moebench.kinds.traces.memory import trace_parts
+
+        return trace_parts(self.path, case.tokens, case.experts, case.batches, self.layer, self.order == "shuffled")
+
     def batch(self, shape: BatchShape, seed: int, batch_index: int = 0) -> RouteInputs:
         trace = self.trace(shape.experts)
         if trace.num_experts != shape.experts:
@@ -180,6 +187,12 @@ class TraceFit(Workload):
 
     def check(self):
         return None if self.path else "path (a trace folder or shape JSON) is required"
+
+    def memory_parts(self, case) -> dict[str, int]:
+        """A shape JSON's objects, or the trace folder it fits read whole (kinds/traces/memory.py)."""
+        from moebench.kinds.traces.memory import shape_parts
+
+        return shape_parts(self.path, case.tokens, case.experts, case.batches, self.layer)
 
     def make(self, shape: BatchShape, structure, noise, batch_index):
         cache = _cache(self)

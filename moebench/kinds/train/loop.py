@@ -28,6 +28,7 @@ from moebench.routers.soft_moe import SoftMoE, make_phi
 from moebench.run.runner import RowResult, exit_reason
 from moebench.kinds.train import measures
 from moebench.kinds.train.aggregate import final_row
+from moebench.kinds.train.memory import memory_problem as train_memory_problem
 from moebench.kinds.train.layer import MoELayer, aux_loss, competitive_loss, learns, trainable, z_loss
 from moebench.kinds.train.spec import UNSET, TrainSpec
 from moebench.kinds.train.tasks import TASKS, TaskData
@@ -305,11 +306,16 @@ def train_router(case: Case, spec: TrainSpec, router_spec: NamedSpec, row: dict)
         reason = _problem(case)
         router = ROUTERS.create(router_spec.name, router_spec.params)
         reason = reason or router.applicable(case.top_k, case.experts)
+        # before the Trainer allocates anything: a case too big for the machine is a skipped
+        # row, not an out-of-memory kill of the whole run (memory.py)
+        reason = reason or train_memory_problem(case, spec, router_spec)
         if reason:
             row.update(status="skipped", reason=reason)
             return TrainRowResult(row, [])
         per_seed, learned = {}, None
+        trainer = None
         for seed in spec.seeds:
+            trainer = None  # let the previous seed's model, optimizer and eval set go first
             trainer = Trainer(case, spec, router, seed, router_spec.display)
             records = trainer.run()
             learned = trainer.gate_learns
