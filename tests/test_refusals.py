@@ -164,10 +164,11 @@ def test_an_accepted_suite_validates_and_runs(tmp_path):
 
 def test_the_name_tables_are_the_registries():
     """The tables the validator reads without torch say exactly what loading registers."""
-    assert ROUTERS.names() == sorted(n for names in ROUTER_TABLE.values() for n in names)
-    assert WORKLOADS.names() == sorted(n for names in WORKLOAD_TABLE.values() for n in names)
-    assert sorted(ROUTERS.classes()) == ROUTERS.names()
-    assert sorted(WORKLOADS.classes()) == WORKLOADS.names()
+    def built_in(registry):  # other tests register routers of their own (modules outside moebench)
+        return sorted(n for n, cls in registry.classes().items() if cls.__module__.startswith("moebench."))
+
+    assert built_in(ROUTERS) == sorted(n for names in ROUTER_TABLE.values() for n in names)
+    assert built_in(WORKLOADS) == sorted(n for names in WORKLOAD_TABLE.values() for n in names)
     from moebench.core.drop_policies import DROP_POLICIES
     from moebench.run.exec_modes import MODES as RUN_MODES
 

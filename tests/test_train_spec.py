@@ -65,6 +65,7 @@ BAD = [
     ({"steps": 5, "task": "teacher", "lr": -1}, None, "train.lr", "expected a number > 0"),
     ({"steps": 5, "task": "teacher", "tokens_per_step": 10**12}, None, "train.tokens_per_step", "<= 67108864"),
     ({"steps": 5, "task": "teacher", "eval_tokens": 2**27}, None, "train.eval_tokens", "<= 67108864"),
+    ({"steps": 5, "task": "teacher", "expert_hidden": 10**9}, None, "train.expert_hidden", "<= 262144"),
     ({"steps": 5, "task": "teacher", "seeds": []}, None, "train.seeds", "non-empty list"),
     ({"steps": 5, "task": "teacher", "seeds": [0, 0]}, None, "train.seeds", "duplicate seeds"),
     ({"steps": 5, "task": "teacher", "seeds": [0, -1]}, None, "train.seeds[1]", "expected an integer >= 0"),

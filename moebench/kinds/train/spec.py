@@ -190,7 +190,7 @@ def parse_train(value: Any, fail: Fail, named: Callable[[Any, str], NamedSpec],
         "eval_interval": Rule("int", 1), "eval_tokens": Rule("int", 1, maximum=2**26),
         "probe_tokens": Rule("int", 1, maximum=2**26),
         "gate_noise": Rule("number", 0), "bias_update_rate": Rule("number", 0, nullable=True, what="the router's own"),
-        "expert_hidden": Rule("int", 1),
+        "expert_hidden": Rule("int", 1, maximum=1 << 18),  # as parallel.ffn_hidden
         "optimizer": Rule("choice", choices=OPTIMIZERS, what="optimizer"),
         "bias_update": Rule("choice", choices=BIAS_UPDATES, what="bias update"),
         "loss": Rule("choice", choices=LOSSES, what="loss"),
