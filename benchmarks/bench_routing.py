@@ -286,8 +286,9 @@ def linearity(args, timing, clock):
 
 
 def _warm() -> bool:
-    """Run one tiny parallel kernel so numba's threading layer is chosen (for the header)."""
-    kernels.topk_select(torch.zeros(1, 2), 1)
+    """Run one parallel kernel so numba's threading layer is chosen (for the header): big enough
+    for the parallel form (smaller selections run the serial kernel and choose no layer)."""
+    kernels.topk_select(torch.zeros(kernels.PARALLEL_MIN_WORK // 2, 2), 1)
     return True
 
 
