@@ -8,7 +8,7 @@ Sinkhorn). Several runs (say before and after a change) are printed one under an
 
     python benchmarks/peer_ratios.py before=results/peers_decode/RUN_A after=results/peers_decode/RUN_B
 
-A RUN is a run folder (with rows.jsonl) or a results folder holding one run.
+A RUN is a run folder or a results folder (its latest run), as `moebench compare` reads them.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from moebench.store.reader import read_rows
+from moebench.compare.sides import load_side, num
+from moebench.core.rows import ok_only
 
 # (moebench router label, peer router label, the target ratio, what the pair shares)
 PAIRS = (
@@ -31,22 +32,14 @@ PAIRS = (
 )
 
 
-def rows_file(path: Path) -> Path:
-    if (path / "rows.jsonl").is_file():
-        return path / "rows.jsonl"
-    runs = sorted(p for p in path.iterdir() if (p / "rows.jsonl").is_file()) if path.is_dir() else []
-    if len(runs) != 1:
-        raise SystemExit(f"{path}: expected a run folder or a results folder with one run, found {len(runs)} runs")
-    return runs[0] / "rows.jsonl"
-
-
 def route_medians(path: Path) -> dict[tuple[str, str], tuple[int, float]]:
     """(case_id, router) -> (tokens, route median ms) over the ok rows with a route time."""
+    _, rows = load_side(path)  # a run folder, or a results folder: its latest run
     out = {}
-    for row in read_rows(rows_file(path), ok=True):
-        ms = row.get("route.median_ms")
-        if isinstance(ms, (int, float)) and ms > 0:
-            out[(row["case_id"], row["router"])] = (int(row["tokens"]), float(ms))
+    for row in ok_only(rows):
+        ms = num(row.get("route.median_ms"))
+        if ms and ms > 0:
+            out[(row["case_id"], row["router"])] = (int(row["tokens"]), ms)
     return out
 
 
@@ -71,7 +64,7 @@ def pair_table(label: str, medians: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", help="[LABEL=]RUN: a run folder, or a results folder with one run")
+    ap.add_argument("runs", nargs="+", help="[LABEL=]RUN: a run folder, or a results folder (its latest run)")
     args = ap.parse_args(argv)
     out = ["Ratio = peer's route median / moebench's route median in the same case (higher: moebench faster).", ""]
     for spec in args.runs:
